@@ -1,0 +1,332 @@
+"""Configuration: the model's architecture (a frozen dataclass, hashable so jit can take it as a
+static argument) and the experiment schema (ml_collections) with validation before any compute.
+
+An experiment file's `get_config()` returns a ConfigDict built from `default_config()` with its
+own overrides; `validate(cfg)` then rejects an unknown key, a wrong type or an impossible
+combination with one line that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of one decoder-only transformer (Llama / Qwen2 / Qwen3 by flags).
+
+  `rope_scaling` is a tuple of (key, value) pairs so the config stays hashable; use
+  `rope_scaling_dict` to read it.
+  """
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  family: str = "qwen3"
+  rope_theta: float = 1_000_000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  norm_eps: float = 1e-6
+  qk_norm: bool = True       # Qwen3: RMSNorm over head_dim on q and k
+  qkv_bias: bool = False     # Qwen2: biases on q, k and v
+  tie_embeddings: bool = True
+  dtype: str = "float32"        # activations / matmul inputs
+  param_dtype: str = "float32"  # stored parameters
+  remat: str = "none"           # rematerialisation per layer: none | full | dots
+  max_position: int = 32768
+
+  def __post_init__(self):
+    problems = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append(f"model.{name} must be a positive int, got {value!r}")
+    if not problems and self.n_heads % self.n_kv_heads:
+      problems.append(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                      f"({self.n_kv_heads})")
+    if not problems and self.head_dim % 2:
+      problems.append(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.family not in FAMILIES:
+      problems.append(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        problems.append(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.remat not in REMAT_POLICIES:
+      problems.append(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.rope_scaling is not None:
+      kind = dict(self.rope_scaling).get("rope_type")
+      if kind not in ("llama3", "linear"):
+        problems.append(f"model.rope_scaling.rope_type {kind!r} is not supported "
+                        "(supported: llama3, linear)")
+    if problems:
+      raise ConfigError(problems[0])
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["rope_scaling"] = self.rope_scaling_dict
+    return d
+
+  @classmethod
+  def from_dict(cls, d) -> "ModelConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"model.{unknown[0]} is not a model config key (known: {sorted(known)})")
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = tuple(sorted(dict(d["rope_scaling"]).items()))
+    return cls(**d)
+
+  def num_params(self) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    if self.qkv_bias:
+      attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+    if self.qk_norm:
+      attn += 2 * self.head_dim
+    mlp = 3 * self.d_model * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.d_model
+    embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return self.n_layers * per_layer + embed + self.d_model
+
+
+def model_config(**kw) -> ml_collections.ConfigDict:
+  """The model section of an experiment config: the fields of ModelConfig."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.default is not dataclasses.MISSING}
+  defaults.update(vocab_size=0, d_model=0, n_layers=0, n_heads=0, n_kv_heads=0, head_dim=0,
+                  mlp_dim=0)
+  defaults.update(kw)
+  cfg = ml_collections.ConfigDict(defaults)
+  return cfg
+
+
+def to_model_config(section) -> ModelConfig:
+  d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  return ModelConfig.from_dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment schema
+# --------------------------------------------------------------------------------------------
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with its default. Experiment files start from this."""
+  c = ml_collections.ConfigDict()
+  c.name = "experiment"
+  c.seed = 0
+  c.stages = ("sft", "rlvr", "opsd")  # run in this order; each starts from the previous one
+  c.init_from = ""                    # "" = random init; else a Hugging Face directory
+  c.model = model_config()
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="toy",   # toy (sentencepiece trained on the toy corpus) | sentencepiece | hf
+      path="",      # .model file or directory with tokenizer.json (+ tokenizer_config.json)
+      vocab_size=0,
+      chat_template="plain",  # plain | checkpoint
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      kind="toy",          # toy | jsonl
+      train_path="",
+      test_path="",
+      format="auto",       # auto | gsm8k | math
+      on_bad_row="error",  # error | skip (skipped rows are counted)
+      num_train=20000,
+      num_test=500,
+      difficulty=1,
+  ))
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, prompt_buckets=(64, 128, 256),
+      continuous_batching=False, num_slots=0))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, warmup_steps=0, schedule="constant",  # constant|cosine
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=0, batch_size=32, micro_batches=1, seq_len=256, packing=False,
+      optimizer=ml_collections.ConfigDict(dict(learning_rate=-1.0)),  # <0: use c.optimizer's
+      eval_every=0, checkpoint_every=0))
+
+  c.rlvr = ml_collections.ConfigDict(dict(
+      steps=0, prompts_per_step=16, group_size=8, mini_batches=1, updates_per_batch=1,
+      advantage_scale="group",        # group | batch | none
+      aggregation="token_mean",       # token_mean | seq_mean_token_mean | constant
+      eps_low=0.2, eps_high=0.2, kl_beta=0.0,
+      dynamic_sampling=True, mask_truncated=False,
+      format_reward=0.0, overlong_penalty=0.0, overlong_buffer=0,
+      learning_rate=-1.0, eval_every=0, checkpoint_every=0))
+
+  c.opsd = ml_collections.ConfigDict(dict(
+      steps=0, prompts_per_step=16, rollouts_per_prompt=1, mini_batches=1,
+      teacher="frozen",              # frozen | ema | current
+      ema_decay=0.99,
+      teacher_context="full",        # full | answer_only | none
+      divergence="rkl",              # fkl | rkl | jsd
+      jsd_beta=0.5,
+      estimator="full",              # full | topk | sampled
+      topk=64,
+      clip=-1.0,                     # pointwise clip tau; <0: off
+      loss_temperature=1.0,
+      reduction="token",             # token | sequence
+      rollout_filter="correct_only",  # all | correct_only | incorrect_only | split_direction
+      student_thinking=True, teacher_thinking=True,
+      learning_rate=-1.0, eval_every=0, checkpoint_every=0))
+
+  c.loss_chunk = 256  # tokens per chunk in chunked log-prob / divergence computation
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_problems=500, samples_per_problem=1, temperature=0.0, top_p=1.0, top_k=0,
+      max_new_tokens=256, batch_size=128, verify_timeout_s=5.0))
+
+  c.on_nonfinite = "stop"  # stop | skip
+  c.log_every = 10
+  return c
+
+
+_CHOICES = {
+    "tokenizer.kind": ("toy", "sentencepiece", "hf"),
+    "tokenizer.chat_template": ("plain", "checkpoint"),
+    "data.kind": ("toy", "jsonl"),
+    "data.format": ("auto", "gsm8k", "math"),
+    "data.on_bad_row": ("error", "skip"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "optimizer.schedule": ("constant", "cosine", "linear"),
+    "rlvr.advantage_scale": ("group", "batch", "none"),
+    "rlvr.aggregation": ("token_mean", "seq_mean_token_mean", "constant"),
+    "opsd.teacher": ("frozen", "ema", "current"),
+    "opsd.teacher_context": ("full", "answer_only", "none"),
+    "opsd.divergence": ("fkl", "rkl", "jsd"),
+    "opsd.estimator": ("full", "topk", "sampled"),
+    "opsd.reduction": ("token", "sequence"),
+    "opsd.rollout_filter": ("all", "correct_only", "incorrect_only", "split_direction"),
+    "on_nonfinite": ("stop", "skip"),
+}
+
+_POSITIVE = ("sft.batch_size", "sft.micro_batches", "sft.seq_len", "rlvr.prompts_per_step",
+             "rlvr.group_size", "rlvr.mini_batches", "rlvr.updates_per_batch",
+             "opsd.prompts_per_step", "opsd.rollouts_per_prompt", "opsd.mini_batches",
+             "sampling.max_new_tokens", "eval.batch_size", "eval.max_new_tokens",
+             "eval.samples_per_problem", "loss_chunk")
+_NON_NEGATIVE = ("sft.steps", "rlvr.steps", "opsd.steps", "seed", "log_every")
+
+
+def _get(cfg, dotted):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.ConfigDict | None = None
+             ) -> ml_collections.ConfigDict:
+  """Checks keys, types and combinations; raises ConfigError naming the first bad key."""
+  reference = default_config() if reference is None else reference
+  _check_keys(cfg, reference, "")
+  for key, choices in _CHOICES.items():
+    value = _get(cfg, key)
+    if value not in choices:
+      raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+  for key in _POSITIVE:
+    if _get(cfg, key) < 1:
+      raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)!r}")
+  for key in _NON_NEGATIVE:
+    if _get(cfg, key) < 0:
+      raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+  for stage in cfg.stages:
+    if stage not in ("sft", "rlvr", "opsd"):
+      raise ConfigError(f"stages: unknown stage {stage!r} (known: sft, rlvr, opsd)")
+  s = cfg.sampling
+  if not 0.0 < s.top_p <= 1.0:
+    raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+  if s.temperature < 0:
+    raise ConfigError(f"sampling.temperature must be >= 0, got {s.temperature}")
+  if s.top_k < 0:
+    raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
+  if cfg.sft.batch_size % cfg.sft.micro_batches:
+    raise ConfigError(f"sft.micro_batches ({cfg.sft.micro_batches}) must divide sft.batch_size "
+                      f"({cfg.sft.batch_size})")
+  r = cfg.rlvr
+  if "rlvr" in cfg.stages and r.group_size < 2:
+    raise ConfigError(f"rlvr.group_size must be >= 2 for group advantages, got {r.group_size}")
+  if (r.prompts_per_step * r.group_size) % r.mini_batches:
+    raise ConfigError(f"rlvr.mini_batches ({r.mini_batches}) must divide prompts_per_step x "
+                      f"group_size ({r.prompts_per_step * r.group_size})")
+  if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
+    raise ConfigError(f"rlvr.eps_low must be in [0, 1) and rlvr.eps_high >= 0, got "
+                      f"{r.eps_low}, {r.eps_high}")
+  o = cfg.opsd
+  if not 0.0 <= o.jsd_beta <= 1.0:
+    raise ConfigError(f"opsd.jsd_beta must be in [0, 1], got {o.jsd_beta}")
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ConfigError(f"opsd.ema_decay must be in [0, 1), got {o.ema_decay}")
+  if o.loss_temperature <= 0:
+    raise ConfigError(f"opsd.loss_temperature must be > 0, got {o.loss_temperature}")
+  if o.estimator == "topk" and o.topk < 1:
+    raise ConfigError(f"opsd.topk must be >= 1 with estimator topk, got {o.topk}")
+  if o.estimator != "full" and o.clip >= 0:
+    raise ConfigError("opsd.clip (pointwise clip) needs opsd.estimator='full'")
+  if (o.prompts_per_step * o.rollouts_per_prompt) % o.mini_batches:
+    raise ConfigError(f"opsd.mini_batches ({o.mini_batches}) must divide prompts_per_step x "
+                      f"rollouts_per_prompt")
+  if cfg.data.kind == "jsonl" and not cfg.data.train_path:
+    raise ConfigError("data.train_path must be set when data.kind='jsonl'")
+  if cfg.tokenizer.kind in ("sentencepiece", "hf") and not cfg.tokenizer.path:
+    raise ConfigError(f"tokenizer.path must be set when tokenizer.kind={cfg.tokenizer.kind!r}")
+  for axis in ("data", "fsdp", "tensor"):
+    size = cfg.mesh[axis]
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis} must be a positive size or -1, got {size}")
+  if not cfg.init_from:
+    to_model_config(cfg.model)  # raises ConfigError naming the model key
+  return cfg
+
+
+def _check_keys(cfg, reference, prefix):
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      raise ConfigError(f"{path} is not a config key (known under {prefix or 'top level'}: "
+                        f"{sorted(reference.keys())})")
+    value, ref = cfg[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{path} must be a section, got {type(value).__name__}")
+      _check_keys(value, ref, f"{path}.")
+    elif ref is not None and not _same_kind(value, ref):
+      raise ConfigError(f"{path} must be {type(ref).__name__}, got {type(value).__name__} "
+                        f"{value!r}")
+
+
+def _same_kind(value, ref) -> bool:
+  if isinstance(ref, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(ref, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float))
+  if isinstance(ref, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(ref))

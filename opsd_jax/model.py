@@ -1,0 +1,330 @@
+"""Decoder-only transformer covering Llama 3, Qwen2/2.5 and Qwen3 by flags (see ModelConfig).
+
+RMSNorm, RoPE (with Llama-3 / linear scaling), grouped-query attention, SwiGLU, layers scanned
+(`nn.scan`) so compile time does not grow with depth. Every parameter carries logical axis names
+(`parallel.py` maps them onto the mesh). Positions and a segment-id mask are explicit, so
+left-padded and packed batches are exact.
+
+Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
+  embed/embedding [V, D]; lm_head/kernel [D, V] (untied only); final_norm/scale [D];
+  layers/{attn_norm,mlp_norm}/scale [L, D];
+  layers/attn/{q,k,v}_proj/kernel [L, D, heads, H] (+ bias [L, heads, H] with qkv_bias);
+  layers/attn/o_proj/kernel [L, N, H, D]; layers/attn/{q,k}_norm/scale [L, H] (qk_norm);
+  layers/mlp/{gate,up}/kernel [L, D, F]; layers/mlp/down/kernel [L, F, D].
+
+Two entry points: `forward` (full sequence, no cache) and `forward_cached` (writes T new tokens
+into a KV cache at a per-row slot and attends to everything the cache holds; prefill is T = the
+prompt length, decode is T = 1).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from opsd_jax.config import ModelConfig
+
+Params = Any
+_NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _param(module, name, init, shape, axes, cfg):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      _dtype(cfg.param_dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2], with the checkpoint's rope scaling applied (as transformers)."""
+  half = cfg.head_dim // 2
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / cfg.head_dim))
+  scaling = cfg.rope_scaling_dict
+  if scaling is None:
+    return inv_freq
+  if scaling["rope_type"] == "linear":
+    return inv_freq / scaling["factor"]
+  # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend between.
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, blended, scaled)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq):
+  """Rotates pairs (i, i + H/2), the convention of the HF Llama/Qwen checkpoints."""
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.cfg)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x32 * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_pos_B=None):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+
+    def proj(name, heads, head_axis):
+      kernel = _Kernel(cfg, (cfg.d_model, heads, cfg.head_dim), ("embed", head_axis, "head_dim"),
+                       bias_shape=(heads, cfg.head_dim) if cfg.qkv_bias else None,
+                       bias_axes=(head_axis, "head_dim"), name=name)
+      return kernel(x_BTD, "BTD,DNH->BTNH")
+
+    q = proj("q_proj", cfg.n_heads, "heads")
+    k = proj("k_proj", cfg.n_kv_heads, "kv_heads")
+    v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
+      k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+
+    if cache is not None:
+      k_cache, v_cache = cache
+      write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=0))
+      k_cache = write(k_cache, k.astype(k_cache.dtype), cache_pos_B)
+      v_cache = write(v_cache, v.astype(v_cache.dtype), cache_pos_B)
+      k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+    else:
+      new_cache = None
+
+    B, T, N, H = q.shape
+    K = cfg.n_kv_heads
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q.astype(dt), k.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(H)
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(B, T, N, H)
+    y = _Kernel(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"), name="o_proj")(
+        out, "BTNH,NHD->BTD")
+    return y, new_cache
+
+
+class _Kernel(nn.Module):
+  """A projection `x @ kernel (+ bias)` with named axes; einsum spec given at call time."""
+  cfg: ModelConfig
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  bias_shape: tuple[int, ...] | None = None
+  bias_axes: tuple[str, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x, spec):
+    dt = _dtype(self.cfg.dtype)
+    kernel = _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
+    y = jnp.einsum(spec, x.astype(dt), kernel.astype(dt))
+    if self.bias_shape is not None:
+      bias = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
+      y = y + bias.astype(dt)
+    return y
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    gate = _Kernel(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name="gate")(x_BTD, "BTD,DF->BTF")
+    up = _Kernel(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name="up")(x_BTD, "BTD,DF->BTF")
+    h = nn.silu(gate) * up
+    return _Kernel(cfg, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), name="down")(h, "BTF,FD->BTD")
+
+
+class Block(nn.Module):
+  """One pre-norm layer. Scanned: carry = (x, cache_L or None); the layer index picks the slice
+  of the stacked cache, so the whole cache stays one buffer that XLA updates in place."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, _, positions_BT, mask_BTS, cache_pos_B):
+    x, cache, layer = carry
+    layer_cache = None
+    if cache is not None:
+      layer_cache = (cache["k"][layer], cache["v"][layer])
+    h, new_layer_cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x), positions_BT, mask_BTS, layer_cache, cache_pos_B)
+    x = x + h
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    if cache is not None:
+      cache = {"k": cache["k"].at[layer].set(new_layer_cache[0]),
+               "v": cache["v"].at[layer].set(new_layer_cache[1])}
+    return (x, cache, layer + 1), None
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model,
+                          embedding_init=nn.with_logical_partitioning(
+                              nn.initializers.normal(0.02), ("vocab", "embed")),
+                          param_dtype=_dtype(cfg.param_dtype), dtype=_dtype(cfg.dtype))
+    block = Block
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                          length=cfg.n_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _Kernel(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def hidden(self, tokens_BT, positions_BT, mask_BTS, cache=None, cache_pos_B=None):
+    x = self.embed(tokens_BT)
+    dummy = jnp.zeros((self.cfg.n_layers,), jnp.int32)
+    (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), dummy, positions_BT, mask_BTS,
+                                   cache_pos_B)
+    return self.final_norm(x), cache
+
+  def unembed(self, h_BTD):
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_BTD)
+    return self.lm_head(h_BTD, "BTD,DV->BTV")
+
+  def __call__(self, tokens_BT, positions_BT, mask_BTS):
+    h, _ = self.hidden(tokens_BT, positions_BT, mask_BTS)
+    return self.unembed(h)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+
+
+def init(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters (a plain pytree, logical-axis metadata removed)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Transformer(cfg).init(rng, tokens, jnp.zeros((1, 1), jnp.int32),
+                                    jnp.ones((1, 1, 1), bool))
+  return nn.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+  """Shapes and logical axes of the parameters, without allocating them (boxed)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.key(0), tokens, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool)))["params"]
+
+
+def attention_mask(segment_ids_BT, causal: bool = True):
+  """[B, T, T] mask: same segment (0 = padding, never attended), and causal."""
+  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  mask = same & (segment_ids_BT[:, None, :] != 0)
+  if causal:
+    T = segment_ids_BT.shape[1]
+    mask = mask & jnp.tril(jnp.ones((T, T), bool))[None]
+  return mask
+
+
+def positions_from_mask(mask_BT):
+  """Positions that count only real tokens (left padding gets position 0)."""
+  return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _inputs(tokens_BT, mask_BT, positions_BT, segment_ids_BT):
+  if segment_ids_BT is None:
+    segment_ids_BT = (jnp.ones_like(tokens_BT) if mask_BT is None
+                      else mask_BT.astype(jnp.int32))
+  if positions_BT is None:
+    positions_BT = positions_from_mask(segment_ids_BT != 0)
+  return positions_BT, attention_mask(segment_ids_BT)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BT, mask_BT=None, positions_BT=None,
+            segment_ids_BT=None):
+  """Full forward, no cache. Returns logits [B, T, V] (float32).
+
+  mask_BT marks real tokens (left padding = 0); positions default to counting real tokens.
+  segment_ids_BT (packed sequences, 0 = padding) overrides mask_BT; pass positions with it.
+  """
+  positions_BT, mask_BTS = _inputs(tokens_BT, mask_BT, positions_BT, segment_ids_BT)
+  logits = Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, mask_BTS)
+  return logits.astype(jnp.float32)
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, mask_BT=None, positions_BT=None,
+                  segment_ids_BT=None):
+  """Final-norm hidden states [B, T, D]; pair with `unembed` to get logits chunk by chunk."""
+  positions_BT, mask_BTS = _inputs(tokens_BT, mask_BT, positions_BT, segment_ids_BT)
+  h, _ = Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+                                method=Transformer.hidden)
+  return h
+
+
+def unembed(cfg: ModelConfig, params: Params, h_BTD):
+  """Logits [B, T, V] (float32) from hidden states."""
+  return Transformer(cfg).apply({"params": params}, h_BTD,
+                                method=Transformer.unembed).astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  """An empty KV cache: k and v of shape [L, B, S, K, H]."""
+  dtype = _dtype(cfg.dtype) if dtype is None else dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, cache, cache_pos_B,
+                   kv_mask_BS):
+  """Writes T tokens into cache slots [cache_pos_b, cache_pos_b + T) of each row b and attends,
+  causally, to every valid slot. `kv_mask_BS` marks the valid slots *including* the new ones.
+
+  Returns (logits [B, T, V] float32, new cache).
+  """
+  S = cache["k"].shape[2]
+  T = tokens_BT.shape[1]
+  slot_S = jnp.arange(S)
+  query_slot_BT = cache_pos_B[:, None] + jnp.arange(T)[None, :]
+  mask_BTS = kv_mask_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_BT[:, :, None])
+  module = Transformer(cfg)
+  h, cache = module.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, cache,
+                          cache_pos_B, method=Transformer.hidden)
+  logits = module.apply({"params": params}, h, method=Transformer.unembed)
+  return logits.astype(jnp.float32), cache

@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices (mesh tests), float32 matmuls at full precision."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_default_matmul_precision", "highest")
