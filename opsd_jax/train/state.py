@@ -1,0 +1,62 @@
+"""The train state every step consumes and returns, and its shardings on a mesh."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from opsd_jax import model, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: updates applied so far (int32); rng: a key the loops split from; teacher_params: the
+  OPSD teacher (frozen snapshot or EMA), None otherwise (and for teacher='current');
+  skipped_steps: updates skipped because the loss or gradient was not finite."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  teacher_params: Any = None
+  skipped_steps: jax.Array | None = None
+
+
+def create(params, optimizer: optax.GradientTransformation, rng, teacher_params=None, *,
+           model_cfg=None, mesh=None) -> TrainState:
+  """A fresh state around existing params (and teacher, copied into its own buffers). With a
+  mesh (and the model_cfg), everything is placed in the shardings the steps expect."""
+  def build(params, teacher_params, rng):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=rng, teacher_params=teacher_params,
+                      skipped_steps=jnp.zeros((), jnp.int32))
+  if teacher_params is not None:  # own buffers: the step donates params and teacher separately
+    teacher_params = jax.tree.map(lambda x: x.copy(), teacher_params)
+  if mesh is None:
+    return build(params, teacher_params, rng)
+  if model_cfg is None:
+    raise ValueError("state.create: pass model_cfg together with mesh")
+  out = state_shardings(model_cfg, optimizer, mesh, teacher=teacher_params is not None)
+  return jax.jit(build, out_shardings=out)(params, teacher_params, rng)
+
+
+def shardings_like(abstract_params, optimizer, mesh, teacher: bool, param_sharding):
+  """TrainState of shardings: params (and teacher) as param_sharding, optimizer moments like
+  their parameters, everything else replicated."""
+  replicated = parallel.replicated(mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sharding,
+                                       transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding,
+                    rng=replicated, teacher_params=param_sharding if teacher else None,
+                    skipped_steps=replicated)
+
+
+def state_shardings(model_cfg, optimizer, mesh, teacher: bool = False):
+  """Shardings of a TrainState for a model config (params from parallel.param_shardings)."""
+  abstract = nn.unbox(model.abstract_params(model_cfg))
+  return shardings_like(abstract, optimizer, mesh, teacher,
+                        parallel.param_shardings(model_cfg, mesh))

@@ -1,0 +1,230 @@
+"""SFT, GRPO and OPSD train steps: `step(state, batch) -> (state, metrics)`, jitted with explicit
+in/out shardings (state as train.state.state_shardings, every batch array split over the data axes
+on its leading dimension, metrics replicated) and the state donated. The same code runs on one
+CPU device and on a (data, fsdp, tensor) mesh. Batch layouts: see opsd_jax/losses.py's doc.
+
+Every step guards the update: when the loss or the gradient norm is not finite, params, optimizer
+state and teacher stay as they were, `skipped_steps` counts it and metrics["nonfinite"] is 1; the
+loop decides whether to stop (on_nonfinite="stop") or go on (on_nonfinite="skip").
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from opsd_jax import losses, model, parallel
+from opsd_jax.train import optim
+from opsd_jax.train import state as state_lib
+
+
+def _mesh_or_default(mesh):
+  return mesh if mesh is not None else parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading dim over (data, fsdp), rest replicated; a prefix for a whole batch dict."""
+  return NamedSharding(mesh, P(parallel.BATCH))
+
+
+def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
+  shardings = state_lib.state_shardings(model_cfg, optimizer, mesh, teacher)
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def _apply_update(state, grads, loss, optimizer, metrics, update_teacher=None):
+  """One optimizer update, skipped (everything kept) when loss or gradients are not finite.
+  update_teacher(teacher_params, new_params) -> new teacher (EMA), or None to keep it."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  def keep_if_bad(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_bad(params, state.params),
+      opt_state=keep_if_bad(opt_state, state.opt_state),
+      teacher_params=(state.teacher_params if update_teacher is None else keep_if_bad(
+          update_teacher(state.teacher_params, params), state.teacher_params)),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                 learning_rate=optim.current_learning_rate(opt_state),
+                 nonfinite=(~finite).astype(jnp.float32))
+  return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------------
+
+
+def sft_loss_sum(model_cfg, params, batch, chunk: int = 256):
+  """(sum of -log p over trained tokens, sum of entropies there) for an SFT batch."""
+  tokens = batch["tokens"]
+  T = tokens.shape[1]
+  segment_ids = batch.get("segment_ids")
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  positions = batch.get("positions")
+  if positions is None:
+    positions = model.positions_from_mask(segment_ids != 0)
+  logprobs, ent = losses.logprobs_chunked(model_cfg, params, tokens, None, 1, T - 1, 1.0, chunk,
+                                          positions=positions, segment_ids=segment_ids,
+                                          with_entropy=True)
+  mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return -jnp.sum(logprobs * mask), jnp.sum(ent * mask)
+
+
+def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256):
+  """SFT: masked next-token cross-entropy = sum over trained tokens / trained tokens of the
+  GLOBAL batch. sft_cfg.micro_batches splits the batch (rows m, m + M, ...) into a lax.scan that
+  sums gradients of loss SUMS; dividing once by the global count makes the gradient identical to
+  one big batch's."""
+  mesh = _mesh_or_default(mesh)
+  M = int(sft_cfg.micro_batches)
+
+  def step(state, batch):
+    B = batch["tokens"].shape[0]
+    if B % M:
+      raise ValueError(f"sft.micro_batches ({M}) must divide the batch size ({B})")
+    count = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    grad_fn = jax.value_and_grad(lambda p, mb: sft_loss_sum(model_cfg, p, mb, chunk),
+                                 has_aux=True)
+
+    def micro(x):  # [B, ...] -> [M, B / M, ...]; the B / M dim keeps the data sharding
+      x = jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, P(None, parallel.BATCH)))
+
+    def accumulate(carry, mb):
+      grads, loss_sum, ent_sum = carry
+      (l, e), g = grad_fn(state.params, mb)
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + l, ent_sum + e), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if M == 1:
+      (grads, loss_sum, ent_sum), _ = accumulate((zeros, 0.0, 0.0), batch)
+    else:
+      (grads, loss_sum, ent_sum), _ = jax.lax.scan(
+          accumulate, (zeros, jnp.float32(0), jnp.float32(0)), jax.tree.map(micro, batch))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    metrics = {"entropy": ent_sum / denom, "trained_tokens": count}
+    new_state, metrics = _apply_update(state, grads, loss_sum / denom, optimizer, metrics)
+    return new_state, metrics
+
+  return _jit_step(step, model_cfg, optimizer, mesh, teacher=False)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+
+def rollout_logprobs(model_cfg, params, batch, temperature: float = 1.0, chunk: int = 256,
+                     with_entropy: bool = False):
+  """Learner log-probs [N, C] of the completion tokens of a rollout batch (logits / temperature)."""
+  C = batch["completion_mask"].shape[1]
+  P_ = batch["tokens"].shape[1] - C
+  return losses.logprobs_chunked(model_cfg, params, batch["tokens"], batch["mask"], P_, C,
+                                 temperature, chunk, with_entropy=with_entropy)
+
+
+def make_score_fn(model_cfg, mesh=None, *, temperature: float = 1.0, chunk: int = 256):
+  """Jitted `score(params, batch) -> logprobs [N, C]` (float32): the learner's own temperature-
+  scaled log-probs, for old_logprobs (current params at rollout time) and ref_logprobs (the
+  reference params). Needs batch keys tokens, mask, completion_mask."""
+  mesh = _mesh_or_default(mesh)
+
+  def score(params, batch):
+    batch = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
+    return rollout_logprobs(model_cfg, params, batch, temperature, chunk)
+
+  return jax.jit(score, in_shardings=(parallel.param_shardings(model_cfg, mesh),
+                                      batch_sharding(mesh)),
+                 out_shardings=batch_sharding(mesh))
+
+
+def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: float = 1.0,
+                   chunk: int = 256, max_completion_len: int | None = None):
+  """GRPO: ONE optimizer update on one mini-batch (the loop calls it mu x mini_batches times per
+  rollout batch). Batch: tokens, mask, completion_mask, old_logprobs, advantages (+ ref_logprobs
+  when rlvr_cfg.kl_beta > 0). `temperature` is the sampling temperature (learner logits are
+  divided by it); `max_completion_len` is the Dr. GRPO constant (default: C of the batch)."""
+  mesh = _mesh_or_default(mesh)
+  if rlvr_cfg.aggregation not in losses.AGGREGATIONS:
+    raise ValueError(f"rlvr.aggregation must be one of {losses.AGGREGATIONS}, got "
+                     f"{rlvr_cfg.aggregation!r}")
+
+  def loss_fn(params, batch):
+    logprobs, ent = rollout_logprobs(model_cfg, params, batch, temperature, chunk,
+                                     with_entropy=True)
+    loss, metrics = losses.grpo_objective(
+        logprobs, batch["old_logprobs"], batch["advantages"], batch["completion_mask"],
+        eps_low=rlvr_cfg.eps_low, eps_high=rlvr_cfg.eps_high, kl_beta=rlvr_cfg.kl_beta,
+        ref_logprobs_NC=batch.get("ref_logprobs"), aggregation=rlvr_cfg.aggregation,
+        max_completion_len=max_completion_len)
+    metrics["entropy"] = losses.masked_mean(ent, batch["completion_mask"])
+    return loss, metrics
+
+  def step(state, batch):
+    if rlvr_cfg.kl_beta > 0 and "ref_logprobs" not in batch:
+      raise ValueError("rlvr.kl_beta > 0: the batch needs ref_logprobs [N, C]")
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    new_state, metrics = _apply_update(state, grads, loss, optimizer, metrics)
+    return new_state, metrics
+
+  return _jit_step(step, model_cfg, optimizer, mesh, teacher=False)
+
+
+# --------------------------------------------------------------------------------------------
+# OPSD
+# --------------------------------------------------------------------------------------------
+
+
+TEACHERS = ("frozen", "ema", "current")
+
+
+def make_opsd_step(model_cfg, opsd_cfg, optimizer, mesh=None, *, chunk: int = 256):
+  """OPSD: student = params on the student prompt, teacher on the teacher prompt, same completion
+  tokens, divergence chunked over the completion. opsd_cfg.teacher: frozen (state.teacher_params,
+  a snapshot never updated), ema (state.teacher_params <- decay t + (1 - decay) params after each
+  update), current (params under stop_gradient; state.teacher_params must be None)."""
+  mesh = _mesh_or_default(mesh)
+  if opsd_cfg.teacher not in TEACHERS:
+    raise ValueError(f"opsd.teacher must be one of {TEACHERS}, got {opsd_cfg.teacher!r}")
+  losses.check_opsd_options(opsd_cfg.divergence, opsd_cfg.estimator, opsd_cfg.reduction,
+                            opsd_cfg.rollout_filter)
+  clip = None if opsd_cfg.clip < 0 else float(opsd_cfg.clip)
+  uses_snapshot = opsd_cfg.teacher != "current"
+
+  def loss_fn(params, teacher_params, batch):
+    return losses.opsd_loss_chunked(
+        model_cfg, params, params if teacher_params is None else teacher_params, batch,
+        divergence=opsd_cfg.divergence, jsd_beta=opsd_cfg.jsd_beta, clip=clip,
+        temperature=opsd_cfg.loss_temperature, estimator=opsd_cfg.estimator, topk=opsd_cfg.topk,
+        reduction=opsd_cfg.reduction, rollout_filter=opsd_cfg.rollout_filter, chunk=chunk)
+
+  def step(state, batch):
+    if uses_snapshot and state.teacher_params is None:
+      raise ValueError(f"opsd.teacher={opsd_cfg.teacher!r} needs state.teacher_params (create "
+                       "the state with teacher_params=params)")
+    if not uses_snapshot and state.teacher_params is not None:
+      raise ValueError("opsd.teacher='current' uses params as the teacher; create the state "
+                       "without teacher_params")
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.teacher_params, batch)
+    update_teacher = None
+    if opsd_cfg.teacher == "ema":
+      decay = opsd_cfg.ema_decay
+      update_teacher = lambda teacher, new: jax.tree.map(  # noqa: E731
+          lambda t, p: decay * t + (1.0 - decay) * p, teacher, new)
+    new_state, metrics = _apply_update(state, grads, loss, optimizer, metrics, update_teacher)
+    return new_state, metrics
+
+  return _jit_step(step, model_cfg, optimizer, mesh, teacher=uses_snapshot)
