@@ -78,19 +78,22 @@ def iter_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
     raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
   stats = ReadStats() if stats is None else stats
   try:
-    f = open(path, encoding="utf-8", errors="strict")
+    f = open(path, "rb")  # decoded per line, so a bad byte is reported with its line
   except OSError as e:
     raise DataError(f"cannot read data file {path}: {e.strerror}") from e
   with f:
-    line_no = 0
-    while True:
+    for line_no, raw in enumerate(f, 1):
       try:
-        line = f.readline()
+        line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason})") from e
-      if not line:
-        break
-      line_no += 1
+        problem = f"{path}:{line_no}: not valid UTF-8 ({e.reason})"
+        if on_bad_row == "error":
+          raise DataError(problem) from e
+        stats.rows += 1
+        stats.skipped += 1
+        if len(stats.first_errors) < 5:
+          stats.first_errors.append(problem)
+        continue
       if not line.strip():
         continue
       stats.rows += 1
