@@ -90,8 +90,17 @@ def _solve(start, ops):
   return steps, value
 
 
-def _slipped(rng, true_value):
-  options = [true_value + d for d in (1, -1, 10, -10) if true_value + d >= 0]
+def _slipped(rng, true_value, later_ops):
+  """A wrong value off by 1 or 10 from which the remaining steps stay non-negative (no minus
+  signs in traces); true_value + 1 always qualifies."""
+  def stays_non_negative(value):
+    for op, b in later_ops:
+      value = _apply(value, op, b)
+      if value < 0:
+        return False
+    return True
+  options = [true_value + d for d in (1, -1, 10, -10)
+             if true_value + d >= 0 and stays_non_negative(true_value + d)]
   return rng.choice(options)
 
 
@@ -105,7 +114,7 @@ def _trace(rng: random.Random, start, ops, style: TraceStyle):
   parts, value = [], start
   for i, (op, b) in enumerate(ops):
     true = _apply(value, op, b)
-    written = _slipped(rng, true) if i == slip_at else true
+    written = _slipped(rng, true, ops[i + 1:]) if i == slip_at else true
     parts.append(_step(value, op, b, written))
     if i == slip_at and caught:
       parts.append(f"{rng.choice(RECHECK_PHRASES)} {value} {op} {b} = {true}, not {written}.")
