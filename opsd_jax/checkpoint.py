@@ -204,3 +204,39 @@ def restore(directory: str, step: int | None = None, target=None, target_shardin
     raise CheckpointError(f"no checkpoint directory {directory}")
   with Checkpointer(directory) as ckpt:
     return ckpt.restore(step, target=target, target_shardings=target_shardings)
+
+
+# --------------------------------------------------------------------------------------------
+# A bare parameter snapshot (a stage's final parameters), not a step series
+# --------------------------------------------------------------------------------------------
+
+
+def save_params(directory: str, params) -> None:
+  """Writes `params` to `directory` atomically (replacing an older snapshot there)."""
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(directory, params, force=True)
+
+
+def exists(directory: str) -> bool:
+  """Whether `directory` holds a complete snapshot (orbax renames it into place when done)."""
+  return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
+def load_params(directory: str, shardings=None):
+  """Reads a snapshot of `save_params`; `shardings` (a pytree like the params, or one Sharding)
+  places each array, default: the first device."""
+  directory = os.path.abspath(directory)
+  if not exists(directory):
+    raise CheckpointError(f"no parameter snapshot at {directory}")
+  with ocp.StandardCheckpointer() as ckpt:
+    try:
+      saved = ckpt.metadata(directory).item_metadata
+      saved = getattr(saved, "tree", saved)  # a TreeMetadata wrapper around the plain tree
+      abstract = _abstract_state(saved, None, shardings, directory)
+      return ckpt.restore(directory, abstract)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"parameter snapshot {directory} is unreadable or does not match: "
+                            f"{type(e).__name__}: {e}") from e

@@ -283,6 +283,19 @@ def _weight_files(path: str) -> dict[str, str]:
   raise CheckpointFormatError(f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE} found")
 
 
+def read_config(path: str, dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig of a Hugging Face directory (reads config.json only)."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointFormatError(f"{path}: no config.json")
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointFormatError(f"{config_path}: not valid JSON ({e})") from e
+  return config_from_hf(hf_config, None if dtype is None else jnp.dtype(dtype).name)
+
+
 def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
          ) -> tuple[ModelConfig, Any]:
   """Reads a Hugging Face directory into (ModelConfig, params).
@@ -290,11 +303,7 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
   dtype: "float32" (default) or "bfloat16", for both parameters and activations. With a mesh,
   each parameter lands directly on `parallel.param_shardings(cfg, mesh)`; else on device 0.
   """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise CheckpointFormatError(f"{path}: no config.json")
-  with open(config_path) as f:
-    cfg = config_from_hf(json.load(f), None if dtype is None else jnp.dtype(dtype).name)
+  cfg = read_config(path, dtype)
   files = _weight_files(path)
   specs = _specs(cfg)
   if cfg.tie_embeddings:

@@ -156,3 +156,18 @@ def test_save_killed_before_commit_leaves_previous_step(tmp_path):
   restored, extra = checkpoint.restore(str(tmp_path))
   np.testing.assert_array_equal(restored["x"], np.full((4,), 1.0))
   assert extra == {"step": 1}
+
+
+def test_params_snapshot_round_trip_onto_mesh(tmp_path):
+  params = _state()["params"]
+  final = str(tmp_path / "final")
+  assert not checkpoint.exists(final)
+  with pytest.raises(checkpoint.CheckpointError, match="no parameter snapshot"):
+    checkpoint.load_params(final)
+  checkpoint.save_params(final, params)
+  checkpoint.save_params(final, params)  # overwriting an older snapshot is fine
+  assert checkpoint.exists(final)
+  mesh = parallel.make_mesh(2, 2, 2)
+  restored = checkpoint.load_params(final, parallel.param_shardings(CFG, mesh))
+  _assert_same(params, restored)
+  assert restored["layers"]["mlp"]["up"]["kernel"].addressable_shards[0].data.shape == (2, 16, 24)
