@@ -8,6 +8,7 @@ combination with one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -110,7 +111,8 @@ class ModelConfig:
 
 
 def model_config(**kw) -> ml_collections.ConfigDict:
-  """The model section of an experiment config: the fields of ModelConfig."""
+  """The model section of an experiment config: the fields of ModelConfig (vocab_size 0 means
+  the tokenizer's vocabulary size, filled in at run time)."""
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
               if f.default is not dataclasses.MISSING}
   defaults.update(vocab_size=0, d_model=0, n_layers=0, n_heads=0, n_kv_heads=0, head_dim=0,
@@ -169,7 +171,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, micro_batches=1, seq_len=256, packing=False,
-      optimizer=ml_collections.ConfigDict(dict(learning_rate=-1.0)),  # <0: use c.optimizer's
+      concise_share=0.3,   # toy: share of SFT examples with the teacher prompt, concise response
+      learning_rate=-1.0,  # each stage's learning_rate < 0: use optimizer.learning_rate
       eval_every=0, checkpoint_every=0))
 
   c.rlvr = ml_collections.ConfigDict(dict(
@@ -242,9 +245,14 @@ def _get(cfg, dotted):
   return node
 
 
-def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.ConfigDict | None = None
+def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.ConfigDict | None = None,
+             num_devices: int | None = None, check_devices: bool = True
              ) -> ml_collections.ConfigDict:
-  """Checks keys, types and combinations; raises ConfigError naming the first bad key."""
+  """Checks keys, types and combinations; raises ConfigError naming the first bad key.
+
+  The mesh is checked against `num_devices` (default: jax.device_count(); check_devices=False
+  skips it, e.g. when validating on a machine other than the one that will run).
+  """
   reference = default_config() if reference is None else reference
   _check_keys(cfg, reference, "")
   for key, choices in _CHOICES.items():
@@ -301,8 +309,20 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
     size = cfg.mesh[axis]
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis} must be a positive size or -1, got {size}")
+  if num_devices is not None or check_devices:
+    from opsd_jax import parallel  # local: config stays importable without initialising jax
+    try:
+      parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if cfg.init_from and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+    raise ConfigError(f"init_from: {cfg.init_from!r} is not a Hugging Face directory "
+                      "(no config.json there)")
   if not cfg.init_from:
-    to_model_config(cfg.model)  # raises ConfigError naming the model key
+    section = cfg.model.to_dict()
+    if section.get("vocab_size") == 0:  # 0 = the tokenizer's vocabulary, known at run time
+      section["vocab_size"] = 1
+    to_model_config(section)  # raises ConfigError naming the model key
   return cfg
 
 
