@@ -41,6 +41,9 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1,
     raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} "
                      f"tensor={tensor}")
   known = math.prod(s for s in sizes if s != -1)
+  if known > num_devices:
+    raise ValueError(f"mesh: data x fsdp x tensor = {known} is larger than the {num_devices} "
+                     "available devices")
   if num_devices % known:
     raise ValueError(f"mesh: data x fsdp x tensor = {known} does not divide the {num_devices} "
                      "available devices")
