@@ -11,9 +11,10 @@ C-level work such as a huge integer power. A killable process bounds every check
 Verdict policy (tests/data/equivalence_cases.jsonl documents each case):
 - the answer is the LAST `\\boxed{...}` / `\\fbox{...}` (brace-matched); no box -> the last `#### N`
   (GSM8K); neither, an empty box or an unterminated last box -> no answer -> incorrect.
-- equivalence is math-verify's (`parse` both sides, `verify(gold, answer)`), with one repair:
+- equivalence is math-verify's (`parse` both sides, `verify(gold, answer)`), with two repairs:
   digit groups separated by thin spaces (`1\\,000`, `1 000`) are joined first, since math-verify
-  reads them as the product 1*000 = 0.
+  reads them as the product 1*000 = 0; and a sentence's final period after a number (`5.`) is
+  dropped, since math-verify cannot parse it.
 - answers of plain integers / decimals / simple fractions on both sides are decided in the parent
   (exact rational arithmetic) when the verdict is certain to equal math-verify's; otherwise the
   check goes to a worker.
@@ -118,8 +119,12 @@ _SPACED_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: !]|~| )\d{3})+(?!
 _GROUP_SEPARATOR = re.compile(r"\\[,;: !]|~| ")
 
 
+_TRAILING_PERIOD = re.compile(r"(?<=[0-9])\.$")
+
+
 def _normalize(answer: str) -> str:
-  answer = answer.strip()
+  """Repairs for forms math-verify misreads: `1\\,000` (as 1*000) and a final period (`5.`)."""
+  answer = _TRAILING_PERIOD.sub("", answer.strip())
   return _SPACED_THOUSANDS.sub(lambda m: _GROUP_SEPARATOR.sub("", m.group()), answer)
 
 
@@ -285,10 +290,16 @@ class _Worker:
     self.tasks.close()
     self.replies.close()
 
-  def close(self):
+  def ask_to_exit(self):
     try:
       self.tasks.send(None)
-      self.process.wait(timeout=1)
+    except OSError:
+      pass
+
+  def close(self):
+    """Wait briefly for the exit asked for, else kill."""
+    try:
+      self.process.wait(timeout=2)
       self.tasks.close()
       self.replies.close()
     except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -367,6 +378,8 @@ class Grader:
   def close(self):
     workers, self._workers = self._workers, []
     for worker in workers:
+      worker.ask_to_exit()
+    for worker in workers:
       worker.close()
 
   def _ensure_started(self):
@@ -439,7 +452,11 @@ class Grader:
                                f"{_WORKER_START_TIMEOUT_S} s (see its stderr above)")
           elif worker.ready and worker.task is None and next_pair < len(pairs):
             answer, gold = pairs[next_pair]
-            worker.tasks.send((next_pair, answer, gold, _SOFT_FRACTION * timeout_s))
+            try:
+              worker.tasks.send((next_pair, answer, gold, _SOFT_FRACTION * timeout_s))
+            except OSError:  # died while idle; the pair goes to the next ready worker
+              self._replace(worker)
+              continue
             worker.task = (next_pair, time.monotonic() + timeout_s)
             next_pair += 1
         if not remaining:
