@@ -121,22 +121,31 @@ class Attention(nn.Module):
     k = apply_rope(k, positions_BT, inv_freq)
 
     if cache is not None:
-      k_cache, v_cache = cache
-      write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=0))
-      k_cache = write(k_cache, k.astype(k_cache.dtype), cache_pos_B)
-      v_cache = write(v_cache, v.astype(v_cache.dtype), cache_pos_B)
-      k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+      # cache = (k [L, B, K, S, H], v, layer): scatter only the T new rows into the stacked
+      # buffers (no per-layer slice is copied out and back), then read this layer's slice, whose
+      # [B, K, S, H] layout the attention dots take without a transpose of the cache.
+      k_all, v_all, layer = cache
+      rows_B1 = jnp.arange(k.shape[0])[:, None]
+      slots_BT = cache_pos_B[:, None] + jnp.arange(k.shape[1])[None, :]
+      kT = k.astype(k_all.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
+      vT = v.astype(v_all.dtype).transpose(0, 2, 1, 3)
+      heads = jnp.arange(k.shape[2])[None, :, None]
+      k_all = k_all.at[layer, rows_B1[:, :, None], heads, slots_BT[:, None, :]].set(kT)
+      v_all = v_all.at[layer, rows_B1[:, :, None], heads, slots_BT[:, None, :]].set(vT)
+      k, v, new_cache = k_all[layer], v_all[layer], (k_all, v_all)
+      kv_spec = "BKSH"
     else:
       new_cache = None
+      kv_spec = "BSKH"
 
     B, T, N, H = q.shape
     K = cfg.n_kv_heads
     q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q.astype(dt), k.astype(dt),
+    scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q.astype(dt), k.astype(dt),
                         preferred_element_type=jnp.float32) / math.sqrt(H)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(B, T, N, H)
+    out = jnp.einsum(f"BKGTS,{kv_spec}->BTKGH", probs, v.astype(dt)).reshape(B, T, N, H)
     y = _Kernel(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"), name="o_proj")(
         out, "BTNH,NHD->BTD")
     return y, new_cache
@@ -181,16 +190,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, carry, _, positions_BT, mask_BTS, cache_pos_B):
     x, cache, layer = carry
-    layer_cache = None
-    if cache is not None:
-      layer_cache = (cache["k"][layer], cache["v"][layer])
-    h, new_layer_cache = Attention(self.cfg, name="attn")(
+    layer_cache = None if cache is None else (cache["k"], cache["v"], layer)
+    h, new_cache = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="attn_norm")(x), positions_BT, mask_BTS, layer_cache, cache_pos_B)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     if cache is not None:
-      cache = {"k": cache["k"].at[layer].set(new_layer_cache[0]),
-               "v": cache["v"].at[layer].set(new_layer_cache[1])}
+      cache = {"k": new_cache[0], "v": new_cache[1]}
     return (x, cache, layer + 1), None
 
 
@@ -305,9 +311,10 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """An empty KV cache: k and v of shape [L, B, S, K, H]."""
+  """An empty KV cache: k and v of shape [L, B, K, S, H] (heads before slots: decode attention
+  reads each head's slots contiguously, no transpose of the cache per step)."""
   dtype = _dtype(cfg.dtype) if dtype is None else dtype
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -318,7 +325,7 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, ca
 
   Returns (logits [B, T, V] float32, new cache).
   """
-  S = cache["k"].shape[2]
+  S = cache["k"].shape[3]
   T = tokens_BT.shape[1]
   slot_S = jnp.arange(S)
   query_slot_BT = cache_pos_B[:, None] + jnp.arange(T)[None, :]
