@@ -37,7 +37,7 @@ def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
 def _apply_update(state, grads, loss, optimizer, metrics, update_teacher=None):
   """One optimizer update, skipped (everything kept) when loss or gradients are not finite.
   update_teacher(teacher_params, new_params) -> new teacher (EMA), or None to keep it."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
