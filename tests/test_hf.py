@@ -249,3 +249,11 @@ def test_save_rejects_params_not_matching_config(good_dir, tmp_path):
   with pytest.raises(hf.CheckpointFormatError, match="layers/mlp/up/kernel"):
     hf.save(str(tmp_path), cfg, params)
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_tied_checkpoint_that_also_stores_lm_head_loads(good_dir, tmp_path):
+  def add_copy(t):
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+  directory = _copy_with(good_dir, str(tmp_path / "tied"), edit_tensors=add_copy)
+  cfg, params = hf.load(directory)
+  assert cfg.tie_embeddings and "lm_head" not in params
