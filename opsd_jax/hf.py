@@ -90,8 +90,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
   scaling = {**legacy, **rope}
   scaling.pop("rope_theta", None)
-  kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-  scaling.pop("type", None)
+  kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
   if kind == "default":
     rope_scaling = None
   elif kind == "llama3":
@@ -115,7 +114,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
       head_dim=hf.get("head_dim") or d_model // n_heads, mlp_dim=need("intermediate_size"),
       family=family, rope_theta=float(rope_theta), rope_scaling=rope_scaling,
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=family == "qwen3",
-      qkv_bias=family == "qwen2" or bool(hf.get("attention_bias")),
+      qkv_bias=family == "qwen2",
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       dtype=dtype, param_dtype=dtype,
       max_position=int(hf.get("max_position_embeddings", 32768)))
