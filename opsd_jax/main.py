@@ -1,0 +1,52 @@
+"""Runs an experiment file's stages in order: SFT -> RLVR -> OPSD.
+
+  python -m opsd_jax.main --config experiments/toy_compaction.py --workdir runs/toy \
+      [--config.rlvr.group_size=16] [--dry_run]
+
+Each stage starts from the previous stage's final checkpoint (or `init_from`, a Hugging Face
+directory), is evaluated on held-out problems before and after, and checkpoints as it goes, so
+rerunning the same command resumes where it stopped. At the end the workdir holds results.md (a
+table per stage), results.json, metrics.jsonl, TensorBoard events and plots.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from opsd_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate and print the plan; train nothing.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every array it writes at INFO
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    cfg = config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  from opsd_jax import pipeline  # heavy imports only after the config is known to be good
+  start = time.time()
+  try:
+    if _DRY_RUN.value:
+      print(pipeline.plan(cfg, _WORKDIR.value))
+      return 0
+    pipeline.run(cfg, _WORKDIR.value)
+  except (config_lib.ConfigError, pipeline.PipelineError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"done in {time.time() - start:.0f} s; results in {_WORKDIR.value}/results.md")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,248 @@
+"""Composes the stages of an experiment: set-up once, then SFT -> RLVR -> OPSD, each evaluated.
+
+`run(cfg, workdir)` is what `main.py` calls. A stage that finished leaves
+`<workdir>/<stage>/final` (its parameters) and its evaluation in results.json, so a rerun skips it;
+a stage that was interrupted resumes from its own last checkpoint inside its loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from opsd_jax import checkpoint, config as config_lib, evaluate, metrics, parallel
+from opsd_jax import rollouts as rollouts_lib
+from opsd_jax import tokenizer as tokenizer_lib
+
+
+class PipelineError(RuntimeError):
+  """A problem with the run's inputs (files, checkpoints) found before or during a stage."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a stage loop needs besides the parameters."""
+  cfg: Any
+  workdir: str
+  model_cfg: config_lib.ModelConfig
+  mesh: Any
+  tok: Any
+  template: Any  # the chat template every prompt is rendered with (student and teacher alike)
+  train: list[dict]
+  test: list[dict]
+  logger: metrics.Logger
+  grader: Any
+
+  def stage_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, stage)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+
+
+def _load_data(cfg, workdir):
+  if cfg.data.kind == "toy":
+    from opsd_jax.data import toy
+    train, test = toy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test,
+                                  cfg.data.difficulty)
+    tok = toy.build_tokenizer(train + test, workdir)
+    return train, test, tok
+  from opsd_jax.data import jsonl
+  for key in ("train_path", "test_path"):
+    if not os.path.exists(cfg.data[key]):
+      raise PipelineError(f"data.{key}: no file at {cfg.data[key]!r}")
+  train = jsonl.read(cfg.data.train_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
+  test = jsonl.read(cfg.data.test_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
+  tok = tokenizer_lib.load(cfg.tokenizer.kind, cfg.tokenizer.path)
+  return train, test[:cfg.data.num_test], tok
+
+
+def _model_config(cfg, tok):
+  if cfg.init_from:
+    from opsd_jax import hf
+    model_cfg = hf.read_config(cfg.init_from)
+  else:
+    section = cfg.model.to_dict()
+    if section["vocab_size"] == 0:  # toy: the model's vocabulary is the tokenizer's
+      section["vocab_size"] = tok.vocab_size
+    model_cfg = config_lib.ModelConfig.from_dict(section)
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise PipelineError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_cfg.vocab_size}: they do not belong together")
+  return model_cfg
+
+
+def setup(cfg, workdir) -> Run:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.mesh_from_config(cfg.mesh)
+  train, test, tok = _load_data(cfg, workdir)
+  model_cfg = _model_config(cfg, tok)
+  from opsd_jax import verify
+  grader = verify.Grader(timeout_s=cfg.eval.verify_timeout_s)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  template = tokenizer_lib.chat_template(tok, cfg.tokenizer.chat_template)
+  return Run(cfg, workdir, model_cfg, mesh, tok, template, train, test, metrics.Logger(workdir),
+             grader)
+
+
+def initial_params(run: Run):
+  if run.cfg.init_from:
+    from opsd_jax import hf
+    _, params = hf.load(run.cfg.init_from, mesh=run.mesh)
+    return params
+  return parallel.init_params(run.model_cfg, jax.random.key(run.cfg.seed), run.mesh)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_params(run: Run, params, label: str) -> dict[str, Any]:
+  """Held-out accuracy and response length, with the settings stated in the result."""
+  e = run.cfg.eval
+  problems = run.test[:e.num_problems]
+  t0 = time.time()
+  ro = rollouts_lib.sample_and_grade(
+      run, params, problems, num_samples=e.samples_per_problem, temperature=e.temperature,
+      top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
+      rng=jax.random.key(run.cfg.seed + 10_000), batch_size=e.batch_size)
+  summary = evaluate.summarize(ro.problem_ids, ro.correct, ro.lengths, ro.truncated, ro.texts)
+  summary.update(label=label, seconds=round(time.time() - t0, 1),
+                 settings=dict(num_problems=len(problems), samples=e.samples_per_problem,
+                               temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                               max_new_tokens=e.max_new_tokens))
+  return summary
+
+
+def _results_path(run):
+  return os.path.join(run.workdir, "results.json")
+
+
+def load_results(run) -> dict[str, Any]:
+  path = _results_path(run)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def save_results(run, results):
+  tmp = _results_path(run) + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, _results_path(run))
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_loop(stage):
+  if stage == "sft":
+    from opsd_jax.train import sft
+    return sft.train
+  if stage == "rlvr":
+    from opsd_jax.train import rlvr
+    return rlvr.train
+  from opsd_jax.train import opsd
+  return opsd.train
+
+
+def run(cfg, workdir):
+  run_ = setup(cfg, workdir)
+  results = load_results(run_)
+  params = None
+  previous = "init"
+  try:
+    for stage in cfg.stages:
+      final_dir = os.path.join(run_.stage_dir(stage), "final")
+      if stage in results and checkpoint.exists(final_dir):
+        print(f"{stage}: already done, loading its final parameters", flush=True)
+        params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
+                                                                             run_.mesh))
+        previous = stage
+        continue
+      if params is None:
+        params = initial_params(run_)
+        if "init" not in results:
+          results["init"] = evaluate_params(run_, params, "init")
+          save_results(run_, results)
+          _print_eval("init", results["init"])
+      t0 = time.time()
+      params = _stage_loop(stage)(run_, params)
+      checkpoint.save_params(final_dir, params)
+      results[stage] = evaluate_params(run_, params, stage)
+      results[stage]["train_seconds"] = round(time.time() - t0, 1)
+      save_results(run_, results)
+      _print_eval(stage, results[stage])
+      previous = stage
+    del previous
+    report(run_, results)
+  finally:
+    run_.grader.close()
+    run_.logger.close()
+
+
+def _print_eval(stage, r):
+  print(f"[eval {stage}] accuracy={r['accuracy']:.3f} mean_length={r['mean_length']:.1f} "
+        f"(correct {r['mean_length_correct']:.1f}, incorrect {r['mean_length_incorrect']:.1f}) "
+        f"truncated={r['truncation_rate']:.3f} markers/response={r['hesitation_mean_per_response']:.2f}",
+        flush=True)
+
+
+def report(run: Run, results: dict[str, Any]):
+  """results.md (a table of the stages) and plots, from results.json and metrics.jsonl."""
+  order = ["init"] + [s for s in run.cfg.stages if s in results]
+  rows = [dict(stage=s, **{k: v for k, v in results[s].items() if not isinstance(v, dict)})
+          for s in order if s in results]
+  columns = ["stage", "accuracy", "mean_length", "mean_length_correct", "mean_length_incorrect",
+             "truncation_rate", "hesitation_mean_per_response", "train_seconds"]
+  table = evaluate.results_table(rows, columns)
+  settings = results[order[-1]]["settings"]
+  text = (f"# {run.cfg.name}\n\nHeld-out evaluation after each stage ({settings}).\n\n"
+          f"{table}\n")
+  with open(os.path.join(run.workdir, "results.md"), "w") as f:
+    f.write(text)
+  evaluate.plot_stages(rows, os.path.join(run.workdir, "stages.png"))
+  evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"))
+  print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run
+# --------------------------------------------------------------------------------------------
+
+
+def plan(cfg, workdir) -> str:
+  """Validates everything that can be checked without training and returns the plan."""
+  from opsd_jax import memory
+  lines = [f"experiment {cfg.name}: stages {' -> '.join(cfg.stages)}; workdir {workdir}"]
+  if cfg.init_from:
+    from opsd_jax import hf
+    if not os.path.isdir(cfg.init_from):
+      raise PipelineError(f"init_from: no Hugging Face directory at {cfg.init_from!r}")
+    model_cfg = hf.read_config(cfg.init_from)
+  else:
+    section = cfg.model.to_dict()
+    if section["vocab_size"] == 0:
+      section["vocab_size"] = 512  # toy: set by the tokenizer trained at run time
+    model_cfg = config_lib.ModelConfig.from_dict(section)
+  mesh_shape = parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  lines.append(f"model: {model_cfg.family} d_model={model_cfg.d_model} layers="
+               f"{model_cfg.n_layers} heads={model_cfg.n_heads}/{model_cfg.n_kv_heads} "
+               f"vocab={model_cfg.vocab_size} params={model_cfg.num_params() / 1e6:.2f}M "
+               f"dtype={model_cfg.dtype}")
+  lines.append(f"mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
+  for stage in cfg.stages:
+    lines.append(memory.stage_summary(cfg, model_cfg, stage, mesh_shape))
+  return "\n".join(lines)

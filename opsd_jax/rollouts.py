@@ -1,0 +1,89 @@
+"""Rollouts: sample completions for problems, grade them, and lay them out for the learner.
+
+One function serves RLVR (groups of G), OPSD (student rollouts) and evaluation, so the prompt
+template, the sampler settings and the grader can never differ between reward and report.
+
+Learner layout (what the train steps take): prompts left-padded to a bucket length P,
+completions right-padded to C = max_new_tokens; tokens [N, P + C], mask [N, P + C] (real
+tokens), completion_mask [N, C]. Completion token c sits at index P + c.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from opsd_jax import prompts as prompts_lib
+from opsd_jax import sampling
+
+
+@dataclasses.dataclass
+class Rollouts:
+  problem_ids: np.ndarray      # [N] index into the problems passed in (prompt-major)
+  prompt_ids: list[list[int]]  # [N] the student prompt of each row
+  tokens: np.ndarray           # [N, C] completion ids, 0 after the row stopped
+  lengths: np.ndarray          # [N] completion length in tokens (EOS included)
+  finished: np.ndarray         # [N] stopped on EOS
+  sample_logprobs: np.ndarray  # [N, C] log-prob under the (truncated) sampling distribution
+  texts: list[str]             # [N] decoded completions
+  correct: np.ndarray          # [N] bool, from the grader
+  extracted: list              # [N] the graded answer string, None where there was none
+  timed_out: np.ndarray        # [N] bool, grader hit its wall-clock limit
+
+  @property
+  def truncated(self) -> np.ndarray:
+    return ~self.finished
+
+
+def student_prompts(run, problems) -> list[list[int]]:
+  o = run.cfg.opsd
+  return [prompts_lib.student(run.tok, run.template, p["question"],
+                              thinking=o.student_thinking) for p in problems]
+
+
+def sample_and_grade(run, params, problems, *, num_samples, temperature, top_p, top_k,
+                     max_new_tokens, rng, batch_size=None) -> Rollouts:
+  """Samples `num_samples` completions per problem (prompt-major) and grades each."""
+  prompt_ids = student_prompts(run, problems)
+  batch_size = len(problems) if batch_size is None else max(1, batch_size // num_samples)
+  parts = []
+  for i, start in enumerate(range(0, len(problems), batch_size)):
+    out = sampling.generate(
+        run.model_cfg, params, prompt_ids[start:start + batch_size], rng=jax.random.fold_in(rng, i),
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        num_samples=num_samples, eos_ids=run.tok.eos_ids,
+        prompt_buckets=tuple(run.cfg.sampling.prompt_buckets),
+        continuous_batching=run.cfg.sampling.continuous_batching,
+        num_slots=run.cfg.sampling.num_slots or None, mesh=run.mesh)
+    parts.append(out)
+  tokens = _pad_cat([o.tokens for o in parts], max_new_tokens)
+  logprobs = _pad_cat([o.logprobs for o in parts], max_new_tokens).astype(np.float32)
+  lengths = np.concatenate([o.lengths for o in parts])
+  finished = np.concatenate([o.finished for o in parts])
+  texts = [run.tok.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
+  problem_ids = np.repeat(np.arange(len(problems)), num_samples)
+  golds = [problems[i]["answer"] for i in problem_ids]
+  graded = run.grader.grade(texts, golds)
+  correct = np.asarray(graded.correct) & finished  # a truncated response is incorrect
+  return Rollouts(problem_ids, [prompt_ids[i] for i in problem_ids], tokens, lengths, finished,
+                  logprobs, texts, correct, list(graded.extracted), np.asarray(graded.timed_out))
+
+
+def _pad_cat(arrays, width):
+  out = []
+  for a in arrays:
+    a = np.asarray(a)
+    out.append(np.pad(a, ((0, 0), (0, width - a.shape[1]))))
+  return np.concatenate(out)
+
+
+def learner_batch(prompt_ids, tokens_NC, lengths_N, buckets, pad_id=0) -> dict[str, np.ndarray]:
+  """[prompt | completion] sequences in the learner layout (see module doc)."""
+  ids_NP, mask_NP = sampling.pad_prompts(prompt_ids, buckets, pad_id=pad_id)
+  C = tokens_NC.shape[1]
+  completion_mask = np.arange(C)[None, :] < np.asarray(lengths_N)[:, None]
+  return dict(
+      tokens=np.concatenate([np.asarray(ids_NP), tokens_NC], axis=1).astype(np.int32),
+      mask=np.concatenate([np.asarray(mask_NP).astype(bool), completion_mask], axis=1),
+      completion_mask=completion_mask)

@@ -1,0 +1,103 @@
+"""Stage 2, RLVR (GRPO family): sample G completions per prompt -> verify -> advantages ->
+mu x mini-batch updates. Every knob is METHOD.md's; the step itself is train/steps.py's.
+
+With mu = 1 (updates_per_batch) the ratio is exactly 1 at the update, so the loss value sits near
+0 while its gradient (the advantage-weighted log-prob gradient) does not: that is expected.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from opsd_jax import data, parallel, rl
+from opsd_jax import rollouts as rollouts_lib
+from opsd_jax.train import loop, steps
+
+
+def rewards(ro, cfg) -> np.ndarray:
+  """1 for a correct answer, plus the optional format term, minus the token over-length term."""
+  c, max_len = cfg.rlvr, cfg.sampling.max_new_tokens
+  r = ro.correct.astype(np.float32)
+  if c.format_reward:
+    r = r + c.format_reward * np.asarray([a is not None for a in ro.extracted], np.float32)
+  if c.overlong_penalty:
+    r = r + np.asarray(rl.overlong_penalty(ro.lengths, max_len, c.overlong_buffer,
+                                           c.overlong_penalty))
+  return r
+
+
+def split_rows(batch, parts: int):
+  n = len(next(iter(batch.values())))
+  size = n // parts
+  return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def mean_metrics(items):
+  keys = items[0].keys() if items else []
+  return {k: float(np.mean([np.asarray(m[k]) for m in items])) for k in keys}
+
+
+def train(run, params):
+  cfg, c, s = run.cfg, run.cfg.rlvr, run.cfg.sampling
+  if c.steps == 0:
+    return params
+  lp = loop.StageLoop(run, "rlvr", params, total_steps=c.steps, learning_rate=c.learning_rate,
+                      updates_per_step=c.updates_per_batch * c.mini_batches)
+  prompts_it = data.record_batches(run.train, c.prompts_per_step, seed=cfg.seed + 1)
+  extra = lp.resume()
+  if extra:
+    prompts_it.set_state(extra["data"])
+  step_fn = steps.make_grpo_step(run.model_cfg, c, lp.optimizer, run.mesh,
+                                 temperature=max(s.temperature, 1e-6), chunk=cfg.loss_chunk,
+                                 max_completion_len=s.max_new_tokens)
+  score = steps.make_score_fn(run.model_cfg, run.mesh, temperature=max(s.temperature, 1e-6),
+                              chunk=cfg.loss_chunk)
+  ref_params = params if c.kl_beta > 0 else None  # the stage's starting point, never donated
+  for step in lp.steps():
+    problems = next(prompts_it)
+    ro = rollouts_lib.sample_and_grade(
+        run, lp.state.params, problems, num_samples=c.group_size, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step))
+    r_PG = rewards(ro, cfg).reshape(len(problems), c.group_size)
+    adv_N = np.asarray(rl.advantages(r_PG, c.advantage_scale)).reshape(-1)
+    keep_P, frac_zero_std = rl.dynamic_sampling_mask(r_PG)
+    keep_N = np.repeat(np.asarray(keep_P), c.group_size) if c.dynamic_sampling else \
+        np.ones(len(adv_N), bool)
+    batch = rollouts_lib.learner_batch(ro.prompt_ids, ro.tokens, ro.lengths,
+                                       s.prompt_buckets, run.tok.pad_id)
+    completion_mask = batch["completion_mask"] & keep_N[:, None]
+    if c.mask_truncated:
+      completion_mask &= ro.finished[:, None]
+    batch["completion_mask"] = completion_mask
+    batch["advantages"] = adv_N.astype(np.float32)
+    device_batch = parallel.shard_batch(batch, run.mesh)
+    old = score(lp.state.params, device_batch)
+    batch["old_logprobs"] = np.asarray(old)
+    if ref_params is not None:
+      batch["ref_logprobs"] = np.asarray(score(ref_params, device_batch))
+    updates = []
+    for _ in range(c.updates_per_batch):
+      for mb in split_rows(batch, c.mini_batches):
+        if not mb["completion_mask"].any():  # every group of it had equal rewards: no gradient
+          continue
+        lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
+        updates.append(m)
+    trained = completion_mask.astype(bool)
+    mismatch = np.abs(ro.sample_logprobs - batch["old_logprobs"])[trained]
+    values = mean_metrics(updates)
+    values.update({
+        "reward/mean": float(r_PG.mean()), "reward/std": float(r_PG.std()),
+        "accuracy": float(ro.correct.mean()),
+        "groups/frac_zero_std": float(frac_zero_std),
+        "completions/mean_length": float(ro.lengths.mean()),
+        "completions/max_length": int(ro.lengths.max()),
+        "completions/truncated_frac": float(ro.truncated.mean()),
+        "verify/timed_out": int(ro.timed_out.sum()),
+        "updates": len(updates),
+        "trained_tokens": int(trained.sum()),
+        # sampler (top-k/top-p truncated) vs learner log-probs: METHOD.md's trap, logged
+        "sampler/logprob_abs_diff": float(mismatch.mean()) if mismatch.size else 0.0,
+    })
+    lp.log(step + 1, values)
+    lp.maybe_checkpoint(step + 1, lambda: {"data": prompts_it.get_state()})
+  lp.close()
+  return lp.state.params
