@@ -48,5 +48,21 @@ def main(argv):
   return 0
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad --config.* override (unknown key, unparsable value) ends in one
+  line naming it and exit status 2, instead of a traceback (unknown keys raise outside absl)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: a key the experiment does not have
+    missing = str(e).split("\n")[0].strip("\"' ")
+    given = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")
+             and missing in a.split("=")[0].split(".")]
+    message = f"{given[0] if given else missing}: no such config key ({missing!r})"
+  print(f"config error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
