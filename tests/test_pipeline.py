@@ -1,0 +1,250 @@
+"""The CLI end to end (`python -m opsd_jax.main`), run as a user runs it: a subprocess.
+
+One tiny SFT -> RLVR -> OPSD run is shared by the tests of this module (results, rerun, resume),
+so the whole file costs about three small runs. The settings make every stage really update the
+model even from scratch: RLVR's over-length penalty gives rewards a spread inside each group
+(no correct answers yet), and OPSD trains on all rollouts, not only correct ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(REPO, "experiments", "toy_compaction.py")
+STEPS = {"sft": 6, "rlvr": 5, "opsd": 3}
+TINY = [
+    "--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.head_dim=16",
+    "--config.model.mlp_dim=128", "--config.data.num_train=1000", "--config.data.num_test=32",
+    "--config.eval.num_problems=32", "--config.eval.max_new_tokens=96",
+    "--config.sampling.max_new_tokens=96", "--config.sft.batch_size=8",
+    f"--config.sft.steps={STEPS['sft']}", "--config.sft.checkpoint_every=2",
+    f"--config.rlvr.steps={STEPS['rlvr']}", "--config.rlvr.prompts_per_step=4",
+    "--config.rlvr.group_size=4", "--config.rlvr.checkpoint_every=2",
+    "--config.rlvr.overlong_penalty=1.0", "--config.rlvr.overlong_buffer=64",
+    f"--config.opsd.steps={STEPS['opsd']}", "--config.opsd.prompts_per_step=8",
+    "--config.opsd.rollout_filter=all", "--config.opsd.checkpoint_every=1",
+]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run gets (conftest fakes 8 in-process)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _command(config, workdir, *extra):
+  return [sys.executable, "-m", "opsd_jax.main", "--config", config, "--workdir", str(workdir),
+          *extra]
+
+
+def _run(config, workdir, *extra, timeout=600):
+  t0 = time.time()
+  proc = subprocess.run(_command(config, workdir, *extra), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
+  return proc, time.time() - t0
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _final_params(workdir, stage):
+  from opsd_jax import checkpoint
+  import jax
+  params = checkpoint.load_params(os.path.join(workdir, stage, "final"))
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _assert_ok(proc):
+  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  proc, seconds = _run(TOY, workdir, *TINY)
+  _assert_ok(proc)
+  return workdir, proc, seconds
+
+
+# --------------------------------------------------------------------------------------------
+# A full run, its rerun, and a resume after SIGKILL
+# --------------------------------------------------------------------------------------------
+
+
+def test_full_run_writes_results_metrics_and_plots(full_run):
+  workdir, proc, _ = full_run
+  for name in ("results.md", "results.json", "metrics.jsonl", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  for name in ("stages.png", "curves.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir / "tb"))
+
+  records = _records(workdir)
+  for stage, n in STEPS.items():
+    steps = [r["step"] for r in records if r["stage"] == stage]
+    assert steps == list(range(1, n + 1)), (stage, steps)
+  # every stage really trained: updates were made and the parameters moved
+  assert all(r["updates"] > 0 for r in records if r["stage"] in ("rlvr", "opsd"))
+  assert all(np.isfinite(r["loss"]) for r in records)
+  finals = {s: _final_params(workdir, s) for s in STEPS}
+  for before, after in (("sft", "rlvr"), ("rlvr", "opsd")):
+    assert any(not np.array_equal(finals[before][k], finals[after][k]) for k in finals[before])
+
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results) == {"init", *STEPS}
+  for stage, r in results.items():
+    assert r["num_problems"] == 32 and r["count"] == 32, stage
+    assert 0.0 <= r["accuracy"] <= 1.0 and 1 <= r["mean_length"] <= 96, stage
+  table = (workdir / "results.md").read_text()
+  for stage in ("init", *STEPS):
+    assert f"| {stage} |" in table
+  assert proc.stdout.count("[eval ") == 4
+
+
+def test_rerun_skips_finished_stages(full_run):
+  workdir, _, first_seconds = full_run
+  results_before = (workdir / "results.json").read_text()
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  proc, seconds = _run(TOY, workdir, *TINY)
+  _assert_ok(proc)
+  for stage in STEPS:
+    assert f"{stage}: already done" in proc.stdout
+  assert "[eval " not in proc.stdout  # nothing evaluated or trained again
+  assert (workdir / "results.json").read_text() == results_before
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+  assert seconds < first_seconds, (seconds, first_seconds)
+
+
+def _wait_for_record(workdir, stage, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended (exit {proc.returncode}) before {stage} step {step}")
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          if line.strip() and line.endswith("\n"):
+            r = json.loads(line)
+            if r["stage"] == stage and r["step"] >= step:
+              return
+    time.sleep(0.05)
+  raise AssertionError(f"no {stage} step {step} record within {timeout} s")
+
+
+def test_sigkill_mid_stage_then_rerun_resumes_and_matches_uninterrupted(full_run, tmp_path):
+  reference, _, _ = full_run
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_command(TOY, workdir, *TINY), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  try:
+    _wait_for_record(workdir, "rlvr", 3, proc)  # checkpoints at 2 and 4: step 3 is lost work
+  finally:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:  # grader workers die with their parent; make sure nothing of this session lingers
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert not (workdir / "rlvr" / "final").exists(), "the kill came after rlvr had finished"
+  assert (workdir / "sft" / "final").exists()
+
+  proc2, _ = _run(TOY, workdir, *TINY)
+  _assert_ok(proc2)
+  assert "sft: already done" in proc2.stdout
+  resumed = [line for line in proc2.stdout.splitlines() if line.startswith("rlvr: resumed")]
+  assert resumed and 2 <= int(resumed[0].split()[-1]) < STEPS["rlvr"], proc2.stdout[-2000:]
+
+  # bit for bit the uninterrupted run's parameters (CPU is deterministic)
+  for stage in ("rlvr", "opsd"):
+    want, got = _final_params(reference, stage), _final_params(workdir, stage)
+    assert want.keys() == got.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{stage} {key}")
+
+  # the metrics and the evaluation are those of the uninterrupted run too (the lost step's
+  # record was dropped and redone, not duplicated)
+  def comparable(workdir):  # as JSON text: NaN (no correct rollout) then equals NaN
+    return [json.dumps({k: v for k, v in r.items() if k != "time"}, sort_keys=True)
+            for r in _records(workdir)]
+  assert comparable(workdir) == comparable(reference)
+  drop = ("seconds", "train_seconds")
+  want = json.loads((reference / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  for stage in want:
+    assert json.dumps({k: v for k, v in got[stage].items() if k not in drop}, sort_keys=True) \
+        == json.dumps({k: v for k, v in want[stage].items() if k not in drop}, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# --dry_run and bad overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_param_count(model_section) -> int:
+  """Parameters of the same architecture built by transformers on the meta device (no memory)."""
+  import torch
+  import transformers
+  m = model_section
+  hf_config = transformers.Qwen3Config(
+      vocab_size=m["vocab_size"], hidden_size=m["d_model"], num_hidden_layers=m["n_layers"],
+      num_attention_heads=m["n_heads"], num_key_value_heads=m["n_kv_heads"],
+      head_dim=m["head_dim"], intermediate_size=m["mlp_dim"],
+      tie_word_embeddings=m["tie_embeddings"])
+  with torch.device("meta"):
+    model = transformers.Qwen3ForCausalLM(hf_config)
+  return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["toy_compaction", "qwen3_1p7b", "qwen3_8b"])
+def test_dry_run_prints_plan_without_training(name, tmp_path):
+  config = os.path.join(REPO, "experiments", f"{name}.py")
+  workdir = tmp_path / "dry"
+  proc, _ = _run(config, workdir, "--dry_run", timeout=120)
+  _assert_ok(proc)
+  sys.path.insert(0, REPO)
+  try:
+    import importlib
+    cfg = importlib.import_module(f"experiments.{name}").get_config()
+  finally:
+    sys.path.remove(REPO)
+  out = proc.stdout
+  assert " -> ".join(cfg.stages) in out
+  for stage in cfg.stages:
+    line = next(l for l in out.splitlines() if l.startswith(f"stage {stage}:"))
+    assert f"{cfg[stage].steps} steps" in line and "memory per device" in line
+  model = cfg.model.to_dict()
+  if model["vocab_size"] == 0:
+    model["vocab_size"] = 512  # the plan's stand-in for the toy tokenizer's size
+  printed = float(out.split("params=")[1].split("M")[0])
+  assert printed == pytest.approx(_hf_param_count(model) / 1e6, abs=0.006)
+  assert not workdir.exists() or not any(workdir.iterdir()), "a dry run wrote files"
+  assert "[eval" not in out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.rlvr.group_size=1", "rlvr.group_size"),
+    ("--config.nosuchkey=1", "nosuchkey"),
+    ("--config.opsd.divergence=xx", "opsd.divergence"),
+    ("--config.sft.steps=many", "sft.steps"),
+])
+def test_bad_override_exits_nonzero_with_one_line(override, key, tmp_path):
+  proc, _ = _run(TOY, tmp_path / "bad", override, "--dry_run", timeout=120)
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and key in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
