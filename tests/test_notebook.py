@@ -46,5 +46,11 @@ def test_quickstart_notebook_runs_and_plots(monkeypatch):
                  if o.output_type == "stream")
   assert "git clone" not in text and "Successfully installed" not in text  # nothing installed
   assert "SFT loss" in text and "| after one step of each |" in text
+  first, last = map(float, text.split("SFT loss ")[1].split("\n")[0].split(" -> "))
+  assert last < first - 1.0, (first, last)  # SFT learned something
+  # the GRPO and the OPSD step each applied an update (printed metrics: learning rate > 0)
+  rates = [float(line.split("'learning_rate': ")[1].split(",")[0])
+           for line in text.splitlines() if "'learning_rate': " in line]
+  assert len(rates) == 2 and all(r > 0 for r in rates), rates
   last = code_cells[-1]
   assert any("image/png" in o.get("data", {}) for o in last.outputs), "no plot in the last cell"
