@@ -142,6 +142,7 @@ def launch_workers(out_path, n=2):
   return procs
 
 
+@pytest.mark.slow  # three processes compile the same steps: ~1 min of CPU
 def test_two_processes_equal_one_process_on_8_devices(tmp_path):
   procs = launch_workers(tmp_path / "out")
   try:
