@@ -15,6 +15,7 @@ Batch conventions (what the stage loops build):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -158,6 +159,100 @@ def chunk_map(fn, xs, chunk: int):
   body = jax.checkpoint(lambda carry, x: (carry, fn(x)), prevent_cse=False)
   _, ys = jax.lax.scan(body, None, jax.tree.map(split, xs))
   return jax.tree.map(join, ys)
+
+
+def head_params(cfg, params):
+  """The parameters `model.unembed` reads (tied embedding or lm_head), a sub-tree of params."""
+  return {k: params[k] for k in (("embed",) if cfg.tie_embeddings else ("lm_head",))}
+
+
+def _split_chunks(x, chunk, n):
+  pad = n * chunk - x.shape[1]
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _join_chunks(y, L):
+  y = jnp.moveaxis(y, 0, 1)
+  return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :L]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def linear_chunk_loss(fn, head, h_BLD, xs, consts, coef_BL, chunk):
+  """sum(coef_BL * loss_BL), where (loss, aux) = fn(head, h_c, xs_c, consts) per time chunk.
+
+  For losses LINEAR in the per-token values (SFT cross-entropy, OPSD divergences; coef holds the
+  reduction's weights), so the gradient of each chunk is known in the forward pass: it is taken
+  there, chunk by chunk (one [B, chunk, V] at a time), and the backward only scales it. Versus a
+  rematerialised scan this skips re-running the unembedding and the elementwise work over V.
+  Gradients flow into `head` and `h_BLD` only; xs (chunked like h) and consts get none.
+  Returns (total, aux joined to [B, L, ...]).
+  """
+  return _linear_chunk_loss_fwd(fn, head, h_BLD, xs, consts, coef_BL, chunk, with_grad=False)[0]
+
+
+def _linear_chunk_loss_fwd(fn, head, h_BLD, xs, consts, coef_BL, chunk, with_grad=True):
+  L = h_BLD.shape[1]
+  chunk = max(1, min(chunk, L))
+  n = -(-L // chunk)
+  chunked = jax.tree.map(lambda x: _split_chunks(x, chunk, n), (h_BLD, xs, coef_BL))
+
+  def body(carry, x):
+    total, d_head = carry
+    h_c, xs_c, coef_c = x
+    if not with_grad:
+      loss_c, aux_c = fn(head, h_c, xs_c, consts)
+      return (total + jnp.sum(loss_c * coef_c), d_head), (aux_c,)
+    (loss_c, vjp, aux_c) = jax.vjp(lambda hp, h: fn(hp, h, xs_c, consts), head, h_c, has_aux=True)
+    d_head_c, d_h_c = vjp(coef_c.astype(loss_c.dtype))
+    return (total + jnp.sum(loss_c * coef_c), jax.tree.map(jnp.add, d_head, d_head_c)), (aux_c,
+                                                                                        d_h_c)
+
+  d_head0 = jax.tree.map(jnp.zeros_like, head) if with_grad else None
+  (total, d_head), ys = jax.lax.scan(body, (jnp.float32(0), d_head0), chunked)
+  aux = jax.tree.map(lambda y: _join_chunks(y, L), ys[0])
+  if not with_grad:
+    return (total, aux), None
+  d_h = _join_chunks(ys[1], L).astype(h_BLD.dtype)
+  return (total, aux), (d_head, d_h)
+
+
+def _linear_chunk_loss_bwd(fn, chunk, grads, cotangents):
+  d_head, d_h = grads
+  g = cotangents[0]  # aux are metrics: their cotangents are ignored
+  return (jax.tree.map(lambda x: (g * x).astype(x.dtype), d_head), (g * d_h).astype(d_h.dtype),
+          None, None, None)
+
+
+linear_chunk_loss.defvjp(
+    lambda fn, head, h, xs, consts, coef, chunk: _linear_chunk_loss_fwd(fn, head, h, xs, consts,
+                                                                       coef, chunk),
+    _linear_chunk_loss_bwd)
+
+
+def _nll_and_entropy(logits_BTV, targets_BT):
+  """(-log softmax(logits)[target], entropy) per position, with one exp over V for both:
+  H = lse - sum(p * logits)."""
+  logits = logits_BTV.astype(jnp.float32)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - top)
+  total = jnp.sum(e, axis=-1)
+  lse = top[..., 0] + jnp.log(total)
+  nll = lse - _gather(logits, targets_BT)
+  ent = lse - jnp.sum(e * logits, axis=-1) / total
+  return nll, jax.lax.stop_gradient(ent)
+
+
+def nll_sum_chunked(cfg, params, h_BLD, targets_BL, weights_BL, chunk: int = 256):
+  """(sum of weights * -log p(targets), entropy per position [B, L]) from hidden states, the
+  logits built one time chunk at a time (linear_chunk_loss: the gradient is taken chunk by chunk
+  in the forward pass, no rematerialised unembedding)."""
+  def per_chunk(head, h_c, targets_c, _):
+    return _nll_and_entropy(model.unembed(cfg, head, h_c), targets_c)
+
+  return linear_chunk_loss(per_chunk, head_params(cfg, params), h_BLD, targets_BL, None,
+                           weights_BL, chunk)
 
 
 def logprobs_chunked(cfg, params, tokens, mask, start: int, length: int, temperature: float = 1.0,

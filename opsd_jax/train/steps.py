@@ -73,11 +73,11 @@ def sft_loss_sum(model_cfg, params, batch, chunk: int = 256):
   positions = batch.get("positions")
   if positions is None:
     positions = model.positions_from_mask(segment_ids != 0)
-  logprobs, ent = losses.logprobs_chunked(model_cfg, params, tokens, None, 1, T - 1, 1.0, chunk,
-                                          positions=positions, segment_ids=segment_ids,
-                                          with_entropy=True)
+  # The last position predicts nothing: its hidden state is dropped before the unembedding.
+  h = model.hidden_states(model_cfg, params, tokens, None, positions, segment_ids)[:, :T - 1]
   mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return -jnp.sum(logprobs * mask), jnp.sum(ent * mask)
+  nll_sum, ent = losses.nll_sum_chunked(model_cfg, params, h, tokens[:, 1:], mask, chunk)
+  return nll_sum, jnp.sum(ent * mask)
 
 
 def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256):
