@@ -40,6 +40,8 @@ class Difficulty:
 
 
 DIFFICULTIES = {
+    # 0: single-digit operands, so the ~500 step facts (a +- b, a <= 30) are learnt in minutes.
+    0: Difficulty(num_ops=3, max_operand=9, ops=("+", "-"), max_value=30),
     1: Difficulty(num_ops=2, max_operand=50, ops=("+", "-"), max_value=199),
     2: Difficulty(num_ops=3, max_operand=99, ops=("+", "-"), max_value=299),
     3: Difficulty(num_ops=3, max_operand=99, ops=("+", "-", "*"), max_value=999),
