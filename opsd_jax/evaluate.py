@@ -159,6 +159,14 @@ def _pyplot():
   return plt
 
 
+def _save(plt, figure, path):
+  """PNG written under a temporary name and renamed: a kill mid-write leaves no broken image."""
+  from opsd_jax import metrics
+  with metrics.atomic_output(path) as tmp:
+    figure.savefig(tmp, dpi=120, format="png")
+  plt.close(figure)
+
+
 def plot_stages(rows: Sequence[dict], path: str, label_key: str = "stage",
                 metrics: Sequence[str] = ("accuracy", "mean_length"),
                 titles: Sequence[str] | None = None) -> str:
@@ -173,8 +181,7 @@ def plot_stages(rows: Sequence[dict], path: str, label_key: str = "stage",
     axis.bar_label(bars, fmt="%.3g", fontsize=8)
     axis.set_title(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(plt, figure, path)
   return path
 
 
@@ -199,8 +206,7 @@ def plot_curves(rows: Sequence[dict], path: str, x_key: str = "step",
     if series_key:
       axis.legend(fontsize=8)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(plt, figure, path)
   return path
 
 
@@ -221,6 +227,5 @@ def plot_scatter(rows: Sequence[dict], path: str, x_key: str = "mean_length",
   axis.set_ylabel(y_key)
   axis.set_title(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(plt, figure, path)
   return path

@@ -7,6 +7,11 @@ Each stage starts from the previous stage's final checkpoint (or `init_from`, a 
 directory), is evaluated on held-out problems before and after, and checkpoints as it goes, so
 rerunning the same command resumes where it stopped. At the end the workdir holds results.md (a
 table per stage), results.json, metrics.jsonl, TensorBoard events and plots.
+
+Exit status: 0 done; 2 bad config or input (files, data, tokenizer, checkpoints); 1 a non-finite
+loss or gradient with on_nonfinite='stop' (the last good checkpoint is kept); 143 SIGTERM
+(preemption: the current step was checkpointed; rerun the same command to resume). Each failure
+prints one line to stderr.
 """
 from __future__ import annotations
 
@@ -41,11 +46,23 @@ def main(argv):
       print(pipeline.plan(cfg, _WORKDIR.value))
       return 0
     pipeline.run(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, pipeline.PipelineError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except pipeline.INPUT_ERRORS as e:
+    return _fail("error", e, 2)
+  except pipeline.NonFiniteError as e:
+    return _fail("numerical error", e, 1)
+  except pipeline.Preempted as e:
+    return _fail("preempted", e, PREEMPTED_EXIT)
   print(f"done in {time.time() - start:.0f} s; results in {_WORKDIR.value}/results.md")
   return 0
+
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+def _fail(kind, error, code):
+  """One line on stderr (messages from libraries may span lines), and the exit status."""
+  print(f"{kind}: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+  return code
 
 
 def parse_flags(argv):

@@ -3,10 +3,15 @@
 Every record is one JSON line {"stage", "step", "time", ...metrics}; the JSONL file is appended
 line by line and flushed, so a killed run loses at most the line being written, and a resumed
 run drops the lines past its restored step (`truncate_after`) so metrics equal an uninterrupted
-run's.
+run's, and with them a line a kill cut short.
+
+Every other file we write goes through `atomic_output` / `write_text_atomic`: written under a
+temporary name in the same directory and renamed into place, so a reader sees the whole file or
+none of it (the old one, if any), never half of it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +29,52 @@ def _plain(value: Any):
   return value
 
 
+@contextlib.contextmanager
+def atomic_output(path: str):
+  """Yields a temporary path (same directory, same extension, so writers that infer the format
+  from it still work) to write; renames it to `path` when the block succeeds, removes it if not."""
+  directory, name = os.path.split(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  stem, ext = os.path.splitext(name)
+  tmp = os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+  try:
+    yield tmp
+    _fsync(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  with atomic_output(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
+def _fsync(path):
+  with open(path, "rb") as f:
+    os.fsync(f.fileno())
+
+
+def _complete_lines(path):
+  """The parsed records of a JSONL file; a last line a kill cut short (no newline, or not JSON)
+  is dropped, it belongs to a step the resume redoes."""
+  with open(path) as f:
+    lines = f.readlines()
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1 and not line.endswith("\n"):
+        continue
+      raise ValueError(f"{path}:{i + 1}: not a JSON record: {line[:80]!r}") from None
+  return rows
+
+
 class Logger:
   def __init__(self, workdir: str, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)
@@ -38,13 +89,8 @@ class Logger:
     """Drops the records of `stage` beyond `step` (they belong to work the resume redoes)."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = f.readlines()
-    kept = [l for l in lines if l.strip() and not _beyond(json.loads(l), stage, step)]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    kept = [r for r in _complete_lines(self.path) if not _beyond(r, stage, step)]
+    write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
 
   def write(self, stage: str, step: int, metrics: dict[str, Any], echo: bool = False):
     record = {"stage": stage, "step": int(step), "time": round(time.time(), 3)}
@@ -65,8 +111,7 @@ class Logger:
   def records(self, stage: str | None = None) -> list[dict[str, Any]]:
     if not os.path.exists(self.path):
       return []
-    with open(self.path) as f:
-      rows = [json.loads(l) for l in f if l.strip()]
+    rows = _complete_lines(self.path)
     return [r for r in rows if stage is None or r["stage"] == stage]
 
   def close(self):

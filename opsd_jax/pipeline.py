@@ -2,7 +2,12 @@
 
 `run(cfg, workdir)` is what `main.py` calls. A stage that finished leaves
 `<workdir>/<stage>/final` (its parameters) and its evaluation in results.json, so a rerun skips it;
-a stage that was interrupted resumes from its own last checkpoint inside its loop.
+a stage that was interrupted resumes from its own last checkpoint inside its loop. Every file
+written here is renamed into place when complete (metrics.write_text_atomic).
+
+What stops a run, and how main.py reports it (one line each): INPUT_ERRORS (bad files, data,
+tokenizer, checkpoints: exit 2), NonFiniteError (exit 1, the last good checkpoint kept),
+Preempted (SIGTERM: the current step saved, exit 143; rerunning resumes).
 """
 from __future__ import annotations
 
@@ -18,10 +23,17 @@ import numpy as np
 from opsd_jax import checkpoint, config as config_lib, evaluate, metrics, parallel
 from opsd_jax import rollouts as rollouts_lib
 from opsd_jax import tokenizer as tokenizer_lib
+from opsd_jax.data import jsonl
+from opsd_jax.train.loop import NonFiniteError, Preempted  # noqa: F401  (main.py catches them)
 
 
 class PipelineError(RuntimeError):
   """A problem with the run's inputs (files, checkpoints) found before or during a stage."""
+
+
+# Bad input found while running: each message names the file, row or key.
+INPUT_ERRORS = (PipelineError, config_lib.ConfigError, checkpoint.CheckpointError,
+                jsonl.DataError, tokenizer_lib.TokenizerError)
 
 
 @dataclasses.dataclass
@@ -54,12 +66,14 @@ def _load_data(cfg, workdir):
                                   cfg.data.difficulty)
     tok = toy.build_tokenizer(train + test, workdir)
     return train, test, tok
-  from opsd_jax.data import jsonl
   for key in ("train_path", "test_path"):
-    if not os.path.exists(cfg.data[key]):
+    if not os.path.isfile(cfg.data[key]):
       raise PipelineError(f"data.{key}: no file at {cfg.data[key]!r}")
-  train = jsonl.read(cfg.data.train_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
-  test = jsonl.read(cfg.data.test_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
+  if cfg.tokenizer.kind == "toy":
+    raise PipelineError("tokenizer.kind='toy' is trained on the toy task's text; with "
+                        "data.kind='jsonl' set tokenizer.kind to 'sentencepiece' or 'hf'")
+  train, _ = jsonl.read(cfg.data.train_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
+  test, _ = jsonl.read(cfg.data.test_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
   tok = tokenizer_lib.load(cfg.tokenizer.kind, cfg.tokenizer.path)
   return train, test[:cfg.data.num_test], tok
 
@@ -86,8 +100,8 @@ def setup(cfg, workdir) -> Run:
   model_cfg = _model_config(cfg, tok)
   from opsd_jax import verify
   grader = verify.Grader(timeout_s=cfg.eval.verify_timeout_s)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  metrics.write_text_atomic(os.path.join(workdir, "config.json"),
+                            cfg.to_json_best_effort(indent=2))
   template = tokenizer_lib.chat_template(tok, cfg.tokenizer.chat_template)
   return Run(cfg, workdir, model_cfg, mesh, tok, template, train, test, metrics.Logger(workdir),
              grader)
@@ -130,16 +144,17 @@ def _results_path(run):
 def load_results(run) -> dict[str, Any]:
   path = _results_path(run)
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise PipelineError(f"{path} is not valid JSON ({e}); delete it to re-evaluate the "
+                          "stages") from e
   return {}
 
 
 def save_results(run, results):
-  tmp = _results_path(run) + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, _results_path(run))
+  metrics.write_text_atomic(_results_path(run), json.dumps(results, indent=2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,8 +226,7 @@ def report(run: Run, results: dict[str, Any]):
   settings = results[order[-1]]["settings"]
   text = (f"# {run.cfg.name}\n\nHeld-out evaluation after each stage ({settings}).\n\n"
           f"{table}\n")
-  with open(os.path.join(run.workdir, "results.md"), "w") as f:
-    f.write(text)
+  metrics.write_text_atomic(os.path.join(run.workdir, "results.md"), text)
   evaluate.plot_stages(rows, os.path.join(run.workdir, "stages.png"))
   evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"))
   print(text, flush=True)

@@ -12,70 +12,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = os.path.join(REPO, "experiments", "toy_compaction.py")
-STEPS = {"sft": 6, "rlvr": 5, "opsd": 3}
-TINY = [
-    "--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.head_dim=16",
-    "--config.model.mlp_dim=128", "--config.data.num_train=1000", "--config.data.num_test=32",
-    "--config.eval.num_problems=32", "--config.eval.max_new_tokens=96",
-    "--config.sampling.max_new_tokens=96", "--config.sft.batch_size=8",
-    f"--config.sft.steps={STEPS['sft']}", "--config.sft.checkpoint_every=2",
-    f"--config.rlvr.steps={STEPS['rlvr']}", "--config.rlvr.prompts_per_step=4",
-    "--config.rlvr.group_size=4", "--config.rlvr.checkpoint_every=2",
-    "--config.rlvr.overlong_penalty=1.0", "--config.rlvr.overlong_buffer=64",
-    f"--config.opsd.steps={STEPS['opsd']}", "--config.opsd.prompts_per_step=8",
-    "--config.opsd.rollout_filter=all", "--config.opsd.checkpoint_every=1",
-]
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run gets (conftest fakes 8 in-process)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _command(config, workdir, *extra):
-  return [sys.executable, "-m", "opsd_jax.main", "--config", config, "--workdir", str(workdir),
-          *extra]
-
-
-def _run(config, workdir, *extra, timeout=600):
-  t0 = time.time()
-  proc = subprocess.run(_command(config, workdir, *extra), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=timeout)
-  return proc, time.time() - t0
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _final_params(workdir, stage):
-  from opsd_jax import checkpoint
-  import jax
-  params = checkpoint.load_params(os.path.join(workdir, stage, "final"))
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _assert_ok(proc):
-  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+from pipeline_helpers import STEPS, TINY, TOY, REPO, assert_ok as _assert_ok, \
+    assert_same_run, command as _command, env as _env, final_params as _final_params, \
+    records as _records, reference_run, run as _run, wait_for_record as _wait_for_record
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("full")
-  proc, seconds = _run(TOY, workdir, *TINY)
-  _assert_ok(proc)
-  return workdir, proc, seconds
+  return reference_run(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,23 +76,6 @@ def test_rerun_skips_finished_stages(full_run):
   assert seconds < first_seconds, (seconds, first_seconds)
 
 
-def _wait_for_record(workdir, stage, step, proc, timeout=300):
-  path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended (exit {proc.returncode}) before {stage} step {step}")
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          if line.strip() and line.endswith("\n"):
-            r = json.loads(line)
-            if r["stage"] == stage and r["step"] >= step:
-              return
-    time.sleep(0.05)
-  raise AssertionError(f"no {stage} step {step} record within {timeout} s")
-
-
 def test_sigkill_mid_stage_then_rerun_resumes_and_matches_uninterrupted(full_run, tmp_path):
   reference, _, _ = full_run
   workdir = tmp_path / "killed"
@@ -169,25 +100,9 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_matches_uninterrupted(full_run
   resumed = [line for line in proc2.stdout.splitlines() if line.startswith("rlvr: resumed")]
   assert resumed and 2 <= int(resumed[0].split()[-1]) < STEPS["rlvr"], proc2.stdout[-2000:]
 
-  # bit for bit the uninterrupted run's parameters (CPU is deterministic)
-  for stage in ("rlvr", "opsd"):
-    want, got = _final_params(reference, stage), _final_params(workdir, stage)
-    assert want.keys() == got.keys()
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{stage} {key}")
-
-  # the metrics and the evaluation are those of the uninterrupted run too (the lost step's
-  # record was dropped and redone, not duplicated)
-  def comparable(workdir):  # as JSON text: NaN (no correct rollout) then equals NaN
-    return [json.dumps({k: v for k, v in r.items() if k != "time"}, sort_keys=True)
-            for r in _records(workdir)]
-  assert comparable(workdir) == comparable(reference)
-  drop = ("seconds", "train_seconds")
-  want = json.loads((reference / "results.json").read_text())
-  got = json.loads((workdir / "results.json").read_text())
-  for stage in want:
-    assert json.dumps({k: v for k, v in got[stage].items() if k not in drop}, sort_keys=True) \
-        == json.dumps({k: v for k, v in want[stage].items() if k not in drop}, sort_keys=True)
+  # bit for bit the uninterrupted run's parameters (CPU is deterministic), and its metrics and
+  # evaluations too (the lost step's record was dropped and redone, not duplicated)
+  assert_same_run(workdir, reference, stages=("rlvr", "opsd"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opsd_jax import verify
+from pipeline_helpers import record_fuzz_counts
 
 TIMEOUT_S = 1.0
 NUM_WORKERS = 2
@@ -25,6 +26,14 @@ PIECES = ["\\boxed{", "\\boxed {", "\\fbox{", "}", "{", "}}", "\\frac", "\\dfrac
           "\\right)", "e", ".", "/", "-", "%", "\\%", "^\\circ", "\\pi", "\\cdot", "\\begin{pmatrix}",
           "&", "\\end{pmatrix}", "\\lim", "\\int", "\\sum_{n=1}^{\\infty}", "<think>", "</think>",
           "\x00", "\u202e", " ", "\\,", "\\!"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts(tmp_path_factory):
+  """Counts also go to <pytest basetemp>/fuzz_counts.json ("verify"), readable without -s."""
+  yield
+  record_fuzz_counts(tmp_path_factory, "verify", COUNTS)
+
 
 piece_strings = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
 any_text = st.text(max_size=300)

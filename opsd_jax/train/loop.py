@@ -4,10 +4,19 @@ non-finite guard. A stage loop is then only its own data flow (see sft.py, rlvr.
 Resume contract: a checkpoint at step s holds the train state after s updates plus `extra`
 (the data-iterator state, and whatever else the loop needs); the loop restarts at step s and
 metrics.jsonl drops its records past s, so a resumed run equals an uninterrupted one.
+
+Preemption: SIGTERM (what a preemptible TPU VM gets before it goes) only sets a flag; after the
+step in flight, `maybe_checkpoint` saves that step and raises Preempted, and the CLI exits 143.
+
+Fault injection for tests: OPSD_JAX_INJECT_NAN="<stage>:<update>" writes a NaN into the first
+parameter just before that update (1-based) of that stage, so the real step sees a non-finite loss
+and gradient and the real guard and loop handle it.
 """
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any, Callable
 
 import jax
@@ -25,6 +34,53 @@ class NonFiniteError(FloatingPointError):
   """Loss or gradient not finite; names the stage, step and quantity."""
 
 
+class Preempted(RuntimeError):
+  """SIGTERM arrived during a stage; a checkpoint of the last finished step was saved."""
+
+
+INJECT_NAN_ENV = "OPSD_JAX_INJECT_NAN"
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (only the main thread may install
+  signal handlers; elsewhere, e.g. in a test's worker thread, SIGTERM keeps its default)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _nan_injection(stage: str) -> int | None:
+  """The update (1-based) before which to poison the params, from OPSD_JAX_INJECT_NAN."""
+  spec = os.environ.get(INJECT_NAN_ENV, "")
+  if not spec:
+    return None
+  name, _, update = spec.partition(":")
+  if not update.isdigit():
+    raise ValueError(f"{INJECT_NAN_ENV} must look like 'sft:3', got {spec!r}")
+  return int(update) if name == stage else None
+
+
+def _with_nan(params):
+  """params with element 0 of the first leaf set to NaN, on the same devices and shardings."""
+  leaves, treedef = jax.tree.flatten(params)
+  first = leaves[0]
+  poisoned = first.at[(0,) * first.ndim].set(jax.numpy.nan)
+  leaves[0] = jax.device_put(poisoned, first.sharding)
+  return jax.tree.unflatten(treedef, leaves)
+
+
 class StageLoop:
   """Set-up, resume, checkpointing and logging of one stage."""
 
@@ -39,19 +95,29 @@ class StageLoop:
                                   model_cfg=run.model_cfg, mesh=run.mesh)
     section = getattr(run.cfg, stage)
     self.checkpoint_every = section.checkpoint_every
-    self.ckpt = checkpoint.Checkpointer(os.path.join(run.stage_dir(stage), "ckpt"), keep=2)
+    self.ckpt_dir = os.path.abspath(os.path.join(run.stage_dir(stage), "ckpt"))
+    self.ckpt = checkpoint.Checkpointer(self.ckpt_dir, keep=2)
     self.extra: dict[str, Any] = {}
     self.start_step = 0
     self.bar = None
+    self.sigterm = _SigtermFlag()
+    self._inject_nan_at = _nan_injection(stage)
 
   def resume(self) -> dict[str, Any]:
     """Restores the latest checkpoint of this stage, if any; returns its `extra` dict."""
     latest = self.ckpt.latest_step()
     if latest is None:
+      self.run.logger.truncate_after(self.stage, 0)  # records of a run killed before its 1st save
       return {}
     shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.state, self.extra = self.ckpt.restore(latest, target=self.state,
-                                               target_shardings=shardings)
+    try:
+      self.state, self.extra = self.ckpt.restore(latest, target=self.state,
+                                                 target_shardings=shardings)
+    except checkpoint.CheckpointError as e:
+      self.close()
+      raise checkpoint.CheckpointError(
+          f"{self.stage}: cannot resume: {e} (delete {os.path.join(self.ckpt_dir, str(latest))}"
+          f" to resume from an earlier step, or the whole directory to restart the stage)") from e
     self.start_step = latest
     self.run.logger.truncate_after(self.stage, latest)
     print(f"{self.stage}: resumed from step {latest}", flush=True)
@@ -60,6 +126,8 @@ class StageLoop:
   def steps(self):
     self.bar = metrics_lib.progress(self.total_steps, self.start_step, self.stage)
     for step in range(self.start_step, self.total_steps):
+      if self._inject_nan_at == step + 1:
+        self.state = self.state.replace(params=_with_nan(self.state.params))
       yield step
     self.bar.close()
 
@@ -76,9 +144,13 @@ class StageLoop:
                  f"({', '.join(f'{k}={values.get(k)}' for k in ('loss', 'grad_norm'))}); "
                  f"the update was not applied")
       if self.run.cfg.on_nonfinite == "stop":
-        raise NonFiniteError(message + f"; last good checkpoint: step "
-                                       f"{self.ckpt.latest_step()} in {self.ckpt.directory}")
+        last = self.ckpt.latest_step()
+        self.close()
+        raise NonFiniteError(message + "; stopped (on_nonfinite='stop'); last good checkpoint: " +
+                             (f"step {last} in {self.ckpt_dir}" if last is not None
+                              else "none of this stage yet"))
       print("warning: " + message + " (skipped, on_nonfinite='skip')", flush=True)
+    values["skipped_updates"] = int(self.state.skipped_steps)
     every = max(1, self.run.cfg.log_every)
     echo = not self.run.logger.interactive and (step % every == 0 or step == self.total_steps)
     self.run.logger.write(self.stage, step, values, echo=echo)
@@ -89,10 +161,19 @@ class StageLoop:
       self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
 
   def maybe_checkpoint(self, step: int, extra_fn: Callable[[], dict[str, Any]]):
-    """After update `step`: save when due, and always at the end of the stage."""
+    """After update `step`: save when due, at the end of the stage, and when SIGTERM came (then
+    raise Preempted: the caller exits and a rerun resumes from this step)."""
     due = self.checkpoint_every and step % self.checkpoint_every == 0
-    if due or step == self.total_steps:
+    if due or step == self.total_steps or self.sigterm.received:
       self.ckpt.save(step, self.state, extra_fn())
+    if self.sigterm.received:
+      self.close()
+      raise Preempted(f"{self.stage}: SIGTERM received; saved step {step} of {self.total_steps} "
+                      f"in {self.ckpt_dir}; rerun the same command to resume")
 
   def close(self):
-    self.ckpt.close()
+    """Waits for the checkpoint writes, puts SIGTERM's handler back; safe to call twice."""
+    self.sigterm.restore()
+    if self.ckpt is not None:
+      self.ckpt.close()
+      self.ckpt = None

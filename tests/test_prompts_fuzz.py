@@ -1,0 +1,134 @@
+"""Fuzzing the prompt builder (prompts.py) with hypothesis: random and adversarial questions,
+references and answers (chat-template markers, special tokens, Jinja syntax, control and
+right-to-left characters, very long text), through the plain template with the toy
+sentencepiece tokenizer and the Qwen3-like checkpoint template with a BPE tokenizer.
+
+For every input: no crash (only the documented ValueErrors: context 'full' without a reference,
+'answer_only' without an answer); ids are ints inside the vocabulary; both the student's and the
+teacher's prompt end with the generation suffix of the student's thinking mode, as independent
+references give it (the plain template's marker pieces; transformers' rendering of the Qwen3
+template), and as the same ids, so the completion's tokens sit after identical boundaries and
+re-tokenise the same when encoded together with the prompt text. Counts go to
+<pytest basetemp>/fuzz_counts.json ("prompts").
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from opsd_jax import prompts
+from opsd_jax import tokenizer as tokenizer_lib
+from opsd_jax.data import toy
+from pipeline_helpers import record_fuzz_counts
+from test_tokenizer import make_qwen3_like_dir
+
+COUNTS = collections.Counter()
+FUZZ = settings(deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+PIECES = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<think>", "</think>",
+          "<|im_start|>", "<|im_end|>", "<|im_start|>assistant\n", "<|endoftext|>", "{{", "}}",
+          "{%", "%}", "{{ raise_exception('x') }}", "{% for m in messages %}", "{#", "\\boxed{",
+          "}", "\n", "\n\n", "\r\n", "\t", " ", "  ", "\x00", "\u202e", "\ufeff", "é", "中文",
+          "🙂", "Start with 17.", "Add 25.", "17 + 25 = 42.", "What is the result?", "####",
+          "Here is a reference solution:", prompts.ANSWER_INSTRUCTION, "$", "\\", "\"", "'"]
+pieces = st.lists(st.sampled_from(PIECES), max_size=30).map("".join)
+texts = st.one_of(st.text(max_size=200), pieces,
+                  st.tuples(st.text(max_size=50), pieces).map("".join),
+                  st.text(st.sampled_from("0123456789 +-=.\n"), min_size=500, max_size=3000))
+maybe_empty = st.one_of(st.just(""), st.just("   "), texts)
+answers = st.one_of(st.none(), st.just(""), texts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts(tmp_path_factory):
+  yield
+  path = record_fuzz_counts(tmp_path_factory, "prompts", COUNTS)
+  print(f"\nprompt fuzz counts ({path}):", dict(sorted(COUNTS.items())))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+  train, _ = toy.make_splits(0, 200, 0)
+  tok = toy.build_tokenizer(train, str(tmp_path_factory.mktemp("toy")))
+  return tok, tokenizer_lib.chat_template(tok, "plain"), None
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  import transformers
+  directory = make_qwen3_like_dir(str(tmp_path_factory.mktemp("qwen3_like")))
+  tok = tokenizer_lib.load("hf", directory)
+  return tok, tokenizer_lib.chat_template(tok, "checkpoint"), \
+      transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _reference_suffix(which, hf_tok, content, thinking) -> str:
+  """The generation suffix after the user turn, from a source other than prompts.py."""
+  if which == "plain":  # PlainTemplate's documented form: <|end|><|assistant|>[<think></think>]
+    return tokenizer_lib.END + tokenizer_lib.ASSISTANT + (
+        "" if thinking else tokenizer_lib.THINK_OPEN + tokenizer_lib.THINK_CLOSE)
+  messages = [{"role": "user", "content": content}]
+  full, head = (hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=g,
+                                           enable_thinking=thinking) for g in (True, False))
+  assert full.startswith(head)
+  return "<|im_end|>\n" + full[len(head):]
+
+
+def _check_ids(tok, ids):
+  assert isinstance(ids, list) and ids
+  assert all(type(i) is int and 0 <= i < tok.vocab_size for i in ids)
+
+
+def _build(fn, *args, **kwargs):
+  """Calls a prompt builder; a documented ValueError is returned as None (and counted)."""
+  try:
+    return fn(*args, **kwargs)
+  except ValueError as e:
+    message = str(e)
+    documented = ("needs a reference solution" in message or "needs the gold answer" in message)
+    assert documented, f"undocumented ValueError: {message}"
+    COUNTS["documented_errors"] += 1
+    return None
+
+
+@pytest.mark.parametrize("which", ["plain", "qwen"])
+def test_prompt_builder_fuzz(request, which):
+  tok, template, hf_tok = request.getfixturevalue(which)
+  completion_text = "The answer is \\boxed{42}."
+  completion = tok.encode(completion_text)
+
+  @settings(FUZZ, max_examples=1500 if which == "plain" else 800)
+  @given(question=texts, reference=maybe_empty, answer=answers,
+         context=st.sampled_from(prompts.CONTEXTS), student_thinking=st.booleans(),
+         teacher_thinking=st.booleans())
+  def check(question, reference, answer, context, student_thinking, teacher_thinking):
+    COUNTS[f"{which}_examples"] += 1
+    student = prompts.student(tok, template, question, student_thinking)
+    _check_ids(tok, student)
+    teacher = _build(prompts.teacher, tok, template, question, reference, context, answer,
+                     thinking=teacher_thinking, completion_thinking=student_thinking)
+    if context == "full" and not reference:
+      assert teacher is None
+    if context == "answer_only" and not answer:
+      assert teacher is None
+    if teacher is None:
+      return
+    _check_ids(tok, teacher)
+    suffix = _reference_suffix(which, hf_tok, prompts.student_content(
+        question, template.separator), student_thinking)
+    student_text = prompts.student_text(template, question, student_thinking)
+    teacher_text = prompts.teacher_text(template, question, reference, context, answer,
+                                        teacher_thinking, student_thinking)
+    assert student_text.endswith(suffix) and teacher_text.endswith(suffix)
+    suffix_ids = tok.encode(suffix)
+    assert student[-len(suffix_ids):] == teacher[-len(suffix_ids):] == suffix_ids
+    for prompt, text in ((student, student_text), (teacher, teacher_text)):
+      assert tok.encode(text + completion_text) == prompt + completion
+    COUNTS[f"{which}_aligned"] += 1
+
+  check()
+  assert COUNTS[f"{which}_aligned"] >= 200
