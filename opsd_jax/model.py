@@ -310,28 +310,74 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD):
                                 method=Transformer.unembed).astype(jnp.float32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False):
   """An empty KV cache: k and v of shape [L, B, K, S, H] (heads before slots: decode attention
-  reads each head's slots contiguously, no transpose of the cache per step)."""
+  reads each head's slots contiguously, no transpose of the cache per step).
+
+  per_layer=True gives k and v as tuples of L buffers [B, K, S, H] instead: each layer's buffer is
+  then updated in place and read by attention directly, where slicing a layer out of the stacked
+  buffer costs a copy of it per step (the form the sampler's decode loop carries)."""
   dtype = _dtype(cfg.dtype) if dtype is None else dtype
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  if per_layer:
+    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+            for name in ("k", "v")}
+  return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name in ("k", "v")}
+
+
+def unstack_layers(params: Params) -> Params:
+  """params with "layers" split into a tuple of per-layer trees (`forward_cached` takes either).
+
+  Inside a decode loop this moves the per-layer weight slicing out of the loop: done once, where
+  the scanned stack would slice (copy, on CPU) every layer's weights at every step. Costs one extra
+  copy of the layer weights while it lives."""
+  stacked = params["layers"]
+  n_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda w: w[i], stacked)
+                                    for i in range(n_layers))}
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, cache, cache_pos_B,
-                   kv_mask_BS):
+                   kv_mask_BS, last_only: bool = False):
   """Writes T tokens into cache slots [cache_pos_b, cache_pos_b + T) of each row b and attends,
   causally, to every valid slot. `kv_mask_BS` marks the valid slots *including* the new ones.
 
-  Returns (logits [B, T, V] float32, new cache).
+  The cache is either form of `init_cache` (stacked or per_layer) and comes back in the same form;
+  params may be stacked or `unstack_layers`'d. Layers run unrolled (not scanned), so each layer's
+  cache buffer is updated in place and read without a copy. last_only unembeds only position T - 1.
+
+  Returns (logits [B, T, V] float32 ([B, 1, V] with last_only), new cache).
   """
-  S = cache["k"].shape[3]
+  stacked_cache = not isinstance(cache["k"], (tuple, list))
+  S = cache["k"].shape[3] if stacked_cache else cache["k"][0].shape[2]
   T = tokens_BT.shape[1]
   slot_S = jnp.arange(S)
   query_slot_BT = cache_pos_B[:, None] + jnp.arange(T)[None, :]
   mask_BTS = kv_mask_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_BT[:, :, None])
+
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    layer_params = list(layers)
+  else:
+    layer_params = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.n_layers)]
+  outer = {"params": {name: p for name, p in params.items() if name != "layers"}}
   module = Transformer(cfg)
-  h, cache = module.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, cache,
-                          cache_pos_B, method=Transformer.hidden)
-  logits = module.apply({"params": params}, h, method=Transformer.unembed)
+  x = module.apply(outer, tokens_BT, method=lambda m, t: m.embed(t))
+  new_k, new_v = [], []
+  for i, lp in enumerate(layer_params):
+    k, v = (cache["k"][i], cache["v"][i])
+    # A leading axis of 1 lets Block's stacked-cache branch (scatter at layer 0, read [0]) serve
+    # unchanged; both are bitcasts of this layer's own buffer.
+    (x, layer_cache, _), _ = Block(cfg).apply(
+        {"params": lp}, (x, {"k": k[None], "v": v[None]}, 0), None, positions_BT, mask_BTS,
+        cache_pos_B)
+    new_k.append(layer_cache["k"][0])
+    new_v.append(layer_cache["v"][0])
+  if last_only:
+    x = x[:, -1:]
+  logits = module.apply(outer, x, method=lambda m, h: m.unembed(m.final_norm(h)))
+  if stacked_cache:
+    cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+  else:
+    cache = {"k": tuple(new_k), "v": tuple(new_v)}
   return logits.astype(jnp.float32), cache

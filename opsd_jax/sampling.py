@@ -43,6 +43,8 @@ from opsd_jax.config import ModelConfig
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _TOURNAMENT_MAX_K = 64   # above this, top-k by bisection (the tournament is k sequential steps)
 _BLOCK = 128             # vocabulary block for the two-level inverse CDF and the tournament
+_MAX_PHASES = 8          # static batching: the cache grows in at most this many steps ...
+_MIN_PHASE = 32          # ... of a multiple of this many slots
 
 
 @dataclasses.dataclass
@@ -225,19 +227,6 @@ def _gather(x_BV, idx_B):
 # --------------------------------------------------------------------------------------------
 
 
-def _last_logits(cfg, params, tokens_BT, positions_BT, cache, kv_mask_BS):
-  """forward_cached from slot 0, unembedding only the last position (prefill)."""
-  T = tokens_BT.shape[1]
-  S = cache["k"].shape[3]
-  mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None] <= jnp.arange(T)[None, :, None])
-  module = model.Transformer(cfg)
-  h, cache = module.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, cache,
-                          jnp.zeros((tokens_BT.shape[0],), jnp.int32),
-                          method=model.Transformer.hidden)
-  logits = module.apply({"params": params}, h[:, -1:], method=model.Transformer.unembed)
-  return logits[:, 0].astype(jnp.float32), cache
-
-
 @flax.struct.dataclass
 class _LoopState:
   step: jax.Array          # iterations run (folds the rng)
@@ -247,7 +236,7 @@ class _LoopState:
   slot_done: jax.Array     # [B]
   slot_plen: jax.Array     # [B] real prompt length of the row (positions)
   logits: jax.Array        # [B, V] next-token logits
-  cache: dict              # k, v [L, B, K, S, H]
+  cache: dict              # k, v: L buffers [B, K, S, H] each (S grows by phase, see _phase_ends)
   kv_mask: jax.Array       # [B, S]
   out_tokens: jax.Array    # [N, T_new]
   out_logprobs: jax.Array
@@ -256,28 +245,41 @@ class _LoopState:
   out_finished: jax.Array  # [N]
 
 
+def _phase_ends(max_new_tokens: int, grow_cache: bool) -> list[int]:
+  """Decode steps at which the cache grows. Attention reads every slot of the cache it is given,
+  so a static batch (all rows at the same step) decodes in up to `_MAX_PHASES` phases whose cache
+  holds only the prompt + the steps so far, rounded up to a chunk: the attended length averages
+  about prompt + t instead of prompt + max_new_tokens. Continuous batching mixes rows at every
+  step, so it keeps one phase with the full length."""
+  if not grow_cache:
+    return [max_new_tokens]
+  chunk = max(_MIN_PHASE, _round_up(-(-max_new_tokens // _MAX_PHASES), _MIN_PHASE))
+  return list(range(chunk, max_new_tokens, chunk)) + [max_new_tokens]
+
+
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "num_rows", "num_samples", "num_slots", "max_new_tokens", "temperature", "top_k",
-    "top_p", "eos_ids", "cache_sharding", "batch_sharding"))
+    "top_p", "eos_ids", "grow_cache", "cache_sharding", "batch_sharding"))
 def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_rows, num_samples,
-                  num_slots, max_new_tokens, temperature, top_k, top_p, eos_ids, cache_sharding,
-                  batch_sharding):
+                  num_slots, max_new_tokens, temperature, top_k, top_p, eos_ids, grow_cache,
+                  cache_sharding, batch_sharding):
   del num_samples  # rows map to prompts through prompt_of_row_N
   U, Pw = ids_UP.shape
   N, B, T_new = num_rows, num_slots, max_new_tokens
-  S = Pw + T_new
   constrain_cache = ((lambda c: jax.lax.with_sharding_constraint(c, cache_sharding))
                      if cache_sharding is not None else (lambda c: c))
   constrain_batch = ((lambda x: jax.lax.with_sharding_constraint(x, batch_sharding))
                      if batch_sharding is not None else (lambda x: x))
+  # Per-layer weights and cache buffers: sliced once here, updated in place in the loop.
+  params = model.unstack_layers(params)
 
   # Prefill every distinct prompt once.
   plen_U = mask_UP.sum(-1).astype(jnp.int32)
-  prompt_cache = model.init_cache(cfg, U, Pw)
-  prompt_logits, prompt_cache = _last_logits(cfg, params, ids_UP,
-                                             model.positions_from_mask(mask_UP), prompt_cache,
-                                             mask_UP)
-  kv_tail = jnp.ones((T_new,), bool)
+  prompt_logits, prompt_cache = model.forward_cached(
+      cfg, params, ids_UP, model.positions_from_mask(mask_UP),
+      model.init_cache(cfg, U, Pw, per_layer=True), jnp.zeros((U,), jnp.int32), mask_UP,
+      last_only=True)
+  prompt_logits = prompt_logits[:, 0]
 
   def refill(state: _LoopState) -> _LoopState:
     """Free slots take the next pending rows: the prompt's cache, mask and first logits."""
@@ -288,9 +290,11 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     row = jnp.where(take, row, N)
     u = prompt_of_row_N[jnp.minimum(row, N - 1)]
     slot_idx = jnp.where(take, jnp.arange(B), B)  # B = out of range: the scatter drops it
-    cache = {name: buf.at[:, slot_idx, :, :Pw].set(prompt_cache[name][:, u], mode="drop")
-             for name, buf in state.cache.items()}
-    kv_rows = jnp.concatenate([mask_UP[u], jnp.broadcast_to(kv_tail, (B, T_new))], -1)
+    cache = {name: tuple(buf.at[slot_idx, :, :Pw].set(prompt_buf[u], mode="drop")
+                         for buf, prompt_buf in zip(bufs, prompt_cache[name]))
+             for name, bufs in state.cache.items()}
+    S = state.kv_mask.shape[1]
+    kv_rows = jnp.concatenate([mask_UP[u], jnp.ones((B, S - Pw), bool)], -1)
     return state.replace(
         next_row=state.next_row + take.sum(),
         slot_row=jnp.where(take, row, state.slot_row),
@@ -316,10 +320,12 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     finished = active & hit_eos
     new_t = t + active
     done = state.slot_done | finished | (new_t >= T_new)
-    # Feed the token: slot Pw + t of the row's cache, position plen + t.
+    # Feed the token: slot Pw + t of the row's cache, position plen + t. (A done row's slot is
+    # clipped into the current cache; what it writes there is never read.)
+    S = state.kv_mask.shape[1]
     logits, cache = model.forward_cached(
         cfg, params, token[:, None], (state.slot_plen + t)[:, None], state.cache,
-        Pw + jnp.minimum(t, T_new - 1), state.kv_mask)
+        Pw + jnp.minimum(t, S - Pw - 1), state.kv_mask)
     return state.replace(
         step=state.step + 1, slot_t=new_t, slot_done=done,
         logits=constrain_batch(logits[:, 0]), cache=constrain_cache(cache),
@@ -332,17 +338,29 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
   def not_done(state: _LoopState):
     return ~(jnp.all(state.slot_done) & (state.next_row >= N))
 
+  ends = _phase_ends(T_new, grow_cache)
   V = prompt_logits.shape[-1]
   state = _LoopState(
       step=jnp.int32(0), next_row=jnp.int32(0), slot_row=jnp.full((B,), N, jnp.int32),
       slot_t=jnp.zeros((B,), jnp.int32), slot_done=jnp.ones((B,), bool),
       slot_plen=jnp.zeros((B,), jnp.int32), logits=jnp.zeros((B, V), jnp.float32),
-      cache=constrain_cache(model.init_cache(cfg, B, S)), kv_mask=jnp.zeros((B, S), bool),
+      cache=constrain_cache(model.init_cache(cfg, B, Pw + ends[0], per_layer=True)),
+      kv_mask=jnp.zeros((B, Pw + ends[0]), bool),
       out_tokens=jnp.zeros((N, T_new), jnp.int32),
       out_logprobs=jnp.zeros((N, T_new), jnp.float32),
       out_learner=jnp.zeros((N, T_new), jnp.float32),
       out_lengths=jnp.zeros((N,), jnp.int32), out_finished=jnp.zeros((N,), bool))
-  state = jax.lax.while_loop(not_done, body, state)
+  for phase, end in enumerate(ends):
+    if phase:  # a longer cache: the new slots are empty and, being after every query, unread
+      grow = end - ends[phase - 1]
+      state = state.replace(
+          cache=constrain_cache(jax.tree.map(
+              lambda buf: jnp.pad(buf, ((0, 0), (0, 0), (0, grow), (0, 0))), state.cache)),
+          kv_mask=jnp.pad(state.kv_mask, ((0, 0), (0, grow)), constant_values=True))
+    # The last phase has no step bound: continuous batching runs until every row is done.
+    last = phase == len(ends) - 1
+    state = jax.lax.while_loop(lambda s, end=end, last=last: not_done(s) & (last | (s.step < end)),
+                               body, state)
   return (state.out_tokens, state.out_logprobs, state.out_learner, state.out_lengths,
           state.out_finished)
 
@@ -424,7 +442,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng:
   cache_sharding = batch_sharding = None
   if mesh is not None:
     tensor = "tensor" if cfg.n_kv_heads % mesh.shape["tensor"] == 0 else None
-    cache_sharding = NamedSharding(mesh, P(None, parallel.BATCH, tensor, None, None))
+    cache_sharding = NamedSharding(mesh, P(parallel.BATCH, tensor, None, None))
     batch_sharding = parallel.batch_sharding(mesh, 2)
     params = jax.device_put(params, parallel.param_shardings(cfg, mesh))
     ids_UP, mask_UP = parallel.shard_batch((ids_UP, mask_UP), mesh)
@@ -432,7 +450,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng:
       params, ids_UP, mask_UP, prompt_of_row, rng, cfg=cfg, num_rows=num_rows,
       num_samples=num_samples, num_slots=slots, max_new_tokens=int(max_new_tokens),
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-      eos_ids=tuple(int(e) for e in eos_ids), cache_sharding=cache_sharding,
+      eos_ids=tuple(int(e) for e in eos_ids), grow_cache=not continuous_batching,
+      cache_sharding=cache_sharding,
       batch_sharding=batch_sharding)
   return SampleOutput(
       tokens=np.asarray(tokens), logprobs=np.asarray(logprobs), lengths=np.asarray(lengths),
