@@ -14,7 +14,8 @@ Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
 
 Two entry points: `forward` (full sequence, no cache) and `forward_cached` (writes T new tokens
 into a KV cache at a per-row slot and attends to everything the cache holds; prefill is T = the
-prompt length, decode is T = 1).
+prompt length, decode is T = 1). The cached path runs layers unrolled, over a stacked cache
+[L, B, K, S, H] or one buffer per layer (`init_cache(per_layer=True)`, copy-free in a decode loop).
 """
 from __future__ import annotations
 
@@ -170,14 +171,31 @@ class _Kernel(nn.Module):
     return y
 
 
+class _Weight(nn.Module):
+  """Just a named kernel parameter, for callers that combine kernels before one matmul."""
+  cfg: ModelConfig
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self):
+    return _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    gate = _Kernel(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name="gate")(x_BTD, "BTD,DF->BTF")
-    up = _Kernel(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name="up")(x_BTD, "BTD,DF->BTF")
+    # gate and up as ONE [D, 2F] matmul: on CPU the wider dot and its backward run ~10 % faster
+    # than two (fewer transposed copies of [B, T, F] temporaries).
+    dt = _dtype(cfg.dtype)
+    kernels = [_Weight(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)()
+               for name in ("gate", "up")]
+    # Stacked (not concatenated) so a tensor-sharded F axis stays where it is: no resharding.
+    gate_up = jnp.einsum("BTD,DKF->BTKF", x_BTD.astype(dt), jnp.stack(kernels, 1).astype(dt))
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     h = nn.silu(gate) * up
     return _Kernel(cfg, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), name="down")(h, "BTF,FD->BTD")
 
@@ -200,6 +218,15 @@ class Block(nn.Module):
     return (x, cache, layer + 1), None
 
 
+# Shallow models unroll the layer scan: the scan's stacked residual and gradient buffers (zero-filled
+# each step) cost ~7 % of a CPU train step at 6 layers; deep ones keep compile time flat.
+_MAX_UNROLLED_LAYERS = 8
+
+
+def _scan_unroll(cfg: ModelConfig) -> int:
+  return cfg.n_layers if cfg.n_layers <= _MAX_UNROLLED_LAYERS else 1
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
 
@@ -216,7 +243,7 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                          length=cfg.n_layers,
+                          length=cfg.n_layers, unroll=_scan_unroll(cfg),
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_embeddings:
