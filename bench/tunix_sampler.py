@@ -3,8 +3,10 @@
   python tunix_sampler.py MODEL_DIR PROMPT_LEN NEW_TOKENS
 
 Loads the same safetensors with tunix.models.qwen3.params; prompts are random token ids passed
-through a tokenizer whose text is the ids themselves, so no tokenisation is timed. Prints one JSON
-line per batch size (1, 8, 32), temperature 1, no early stop.
+through a tokenizer whose text is the ids themselves, so no tokenisation is timed; tunix prepends
+BOS, so PROMPT_LEN - 1 ids + BOS = PROMPT_LEN tokens. Prints one JSON line per batch size (1, 8,
+32): temperature 1 with top_p = 1 (tunix's sampling mode; without top_p it decodes greedily),
+and an EOS id outside the vocabulary, so no row stops early.
 """
 import json
 import sys
@@ -30,7 +32,7 @@ class IdTokenizer:
     return 1
 
   def eos_id(self):
-    return 8191  # never produced on purpose: no early stop is requested below anyway
+    return -1  # outside the vocabulary: never sampled, no early stop
 
   def pad_id(self):
     return 0
@@ -45,7 +47,8 @@ def main():
       num_heads=hf["num_attention_heads"], head_dim=hf["head_dim"],
       num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf["rope_theta"]),
       norm_eps=hf["rms_norm_eps"], use_tied_embedding=hf["tie_word_embeddings"])
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+  # Auto axes: with jax's default Explicit axes tunix's embedding gather cannot resolve a sharding.
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with mesh:
     model = qwen3_params.create_model_from_safe_tensors(path, cfg, mesh)
   cache = sampler_lib.CacheConfig(cache_size=prompt_len + new_tokens, num_layers=cfg.num_layers,
@@ -53,11 +56,15 @@ def main():
   sampler = sampler_lib.Sampler(model, IdTokenizer(), cache)
   rng = np.random.default_rng(0)
   for batch in (1, 8, 32):
-    prompts = [" ".join(str(t) for t in rng.integers(2, 8000, prompt_len)) for _ in range(batch)]
+    prompts = [" ".join(str(t) for t in rng.integers(2, 8000, prompt_len - 1))
+               for _ in range(batch)]
     def run():
       return sampler(prompts, max_generation_steps=new_tokens, max_prompt_length=prompt_len,
-                     temperature=1.0, eos_tokens=[], seed=0)
-    run()  # compile
+                     temperature=1.0, top_p=1.0, eos_tokens=[-1], seed=0)
+    out = run()  # compile
+    generated = {len(t) for t in out.tokens}
+    if generated != {new_tokens}:
+      raise RuntimeError(f"tunix generated {generated} tokens per row, expected {new_tokens}")
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start

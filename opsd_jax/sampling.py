@@ -3,9 +3,10 @@
 How a call runs (`generate`):
   1. Prompts are left-padded to the smallest configured bucket that holds the longest one, so the
      number of distinct shapes (and compiles) stays bounded (gemma's approach).
-  2. Each *distinct* prompt is prefilled once into a prompt cache [L, U, K, P, H]; the logits of its
-     last position give the first token's distribution. The `num_samples` rows of a prompt (GRPO
-     group) copy that cache instead of recomputing it (big_vision's "prefill once, repeat n").
+  2. Each *distinct* prompt is prefilled once into a prompt cache (per layer [U, K, P, H]); the
+     logits of its last position give the first token's distribution. The `num_samples` rows of a
+     prompt (GRPO group) copy that cache instead of recomputing it (big_vision's "prefill once,
+     repeat n").
   3. Decode runs in slots. A slot holds one (prompt, sample) row: its cache row is
      [prompt | generated tokens], written at a per-row position. Each step samples one token per
      active slot, writes it to the outputs, then feeds it through the model (`forward_cached` with
@@ -15,7 +16,14 @@ How a call runs (`generate`):
      the slot) instead of idling until the batch's longest row ends.
 
 The whole loop lives inside one jit: the cache is created there and carried by the while loop, so
-XLA updates it in place (the donation a caller-owned cache would need is implicit).
+XLA updates it in place (the donation a caller-owned cache would need is implicit). What keeps a
+decode step near the cost of its weight matmuls on CPU:
+  - layers are unrolled over one KV buffer per layer and weights unstacked once before the loop
+    (a scanned, stacked cache costs a copy of each layer's K and V slice, and of its weights, per
+    step);
+  - a static batch grows its cache in phases (`_phase_ends`), so attention reads about
+    prompt + t slots, not prompt + max_new_tokens;
+  - the uniforms are drawn for every (row, token) before the loop: no RNG in the step.
 
 Sampling never calls `jax.random.categorical` (Gumbel noise over the whole vocabulary costs more
 than the rest of a small model's decode step on CPU): one uniform per row and an inverse CDF,
@@ -229,7 +237,7 @@ def _gather(x_BV, idx_B):
 
 @flax.struct.dataclass
 class _LoopState:
-  step: jax.Array          # iterations run (folds the rng)
+  step: jax.Array          # iterations run (static batching: = every active row's t)
   next_row: jax.Array      # first row not yet given a slot
   slot_row: jax.Array      # [B] row each slot decodes (num_rows = none)
   slot_t: jax.Array        # [B] tokens that row has generated
@@ -308,7 +316,7 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
   def body(state: _LoopState) -> _LoopState:
     state = jax.lax.cond(jnp.any(state.slot_done) & (state.next_row < N), refill,
                          lambda s: s, state)
-    u_B = jax.random.uniform(jax.random.fold_in(rng, state.step), (B,))
+    u_B = uniform_NT[jnp.minimum(state.slot_row, N - 1), jnp.minimum(state.slot_t, T_new - 1)]
     token, logprob, learner = sample_logits(state.logits, u_B, temperature, top_k, top_p)
     active = ~state.slot_done
     out_row = jnp.where(active, state.slot_row, N)  # N = dropped
@@ -338,6 +346,9 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
   def not_done(state: _LoopState):
     return ~(jnp.all(state.slot_done) & (state.next_row >= N))
 
+  # One uniform per (row, token), drawn before the loop: no RNG work in the decode step, and a
+  # row's samples depend on the key alone, not on the slot or step it ran in.
+  uniform_NT = jax.random.uniform(rng, (N, T_new))
   ends = _phase_ends(T_new, grow_cache)
   V = prompt_logits.shape[-1]
   state = _LoopState(
