@@ -34,6 +34,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every array it writes at INFO
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  from opsd_jax import parallel
+  # Multi-host: join the other processes first, so the mesh check below sees every device.
+  parallel.initialize_distributed()
   try:
     cfg = config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:

@@ -70,10 +70,10 @@ def train(run, params):
     batch["completion_mask"] = completion_mask
     batch["advantages"] = adv_N.astype(np.float32)
     device_batch = parallel.shard_batch(batch, run.mesh)
-    old = score(lp.state.params, device_batch)
-    batch["old_logprobs"] = np.asarray(old)
+    # This process's rows of the global result (all rows on a single host).
+    batch["old_logprobs"] = parallel.local_rows(score(lp.state.params, device_batch), run.mesh)
     if ref_params is not None:
-      batch["ref_logprobs"] = np.asarray(score(ref_params, device_batch))
+      batch["ref_logprobs"] = parallel.local_rows(score(ref_params, device_batch), run.mesh)
     updates = []
     for _ in range(c.updates_per_batch):
       for mb in split_rows(batch, c.mini_batches):
