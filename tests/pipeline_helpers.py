@@ -39,7 +39,10 @@ TINY = TINY_MODEL + [
 
 def env(**extra):
   out = dict(os.environ)
-  out.pop("XLA_FLAGS", None)  # one CPU device, as a user's run gets (conftest fakes 8 in-process)
+  # One CPU device, as a user's run gets (conftest fakes 8 in-process), and single-threaded
+  # Eigen kernels: with several threads, float sums of an SFT step were seen to differ in the
+  # last bit between processes, which bit-for-bit comparisons across processes cannot allow.
+  out["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
   out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
   out.update(extra)
   return out

@@ -185,6 +185,9 @@ def _bad_input_cases(directory, tok, data):
   lines = data.read_text().splitlines()
   broken.write_text("\n".join([lines[0], '{"question": "What is 1 + 1?", "answer": ',
                                *lines[1:]]) + "\n")
+  surrogate = directory / "surrogate.jsonl"  # valid JSON, but "\ud800" is no character
+  surrogate.write_text(lines[0] + "\n" +
+                       '{"question": "What is \\ud800?", "answer": "1 #### 1"}\n')
   not_model = directory / "not_a_model.model"
   not_model.write_bytes(b"this is not a sentencepiece model")
   return {
@@ -194,6 +197,8 @@ def _bad_input_cases(directory, tok, data):
                             "data.test_path: no file at"),
       "malformed row": (_jsonl_args(broken, data, "sentencepiece", model),
                         f"{broken}:2: malformed JSON"),
+      "lone surrogate": (_jsonl_args(surrogate, data, "sentencepiece", model),
+                         f"{surrogate}:2: field 'question' is not valid Unicode"),
       "missing tokenizer": (_jsonl_args(data, data, "sentencepiece", directory / "nope.model"),
                             "sentencepiece model file not found"),
       "corrupt tokenizer": (_jsonl_args(data, data, "sentencepiece", not_model),
@@ -204,8 +209,9 @@ def _bad_input_cases(directory, tok, data):
   }
 
 
-BAD_INPUTS = ["missing train file", "missing test file", "malformed row", "missing tokenizer",
-              "corrupt tokenizer", "missing hf tokenizer", "toy tokenizer on jsonl"]
+BAD_INPUTS = ["missing train file", "missing test file", "malformed row", "lone surrogate",
+              "missing tokenizer", "corrupt tokenizer", "missing hf tokenizer",
+              "toy tokenizer on jsonl"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -66,6 +66,11 @@ def _field(row, name):
     raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
   if not value.strip():
     raise ValueError(f"field {name!r} is empty")
+  try:  # JSON escapes can spell lone surrogates ("\ud800"); tokenizers cannot encode them
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"field {name!r} is not valid Unicode (a lone surrogate at character "
+                     f"{e.start})") from None
   return value
 
 
