@@ -402,6 +402,8 @@ def opsd_loss_chunked(cfg, params, teacher_params, batch, *, divergence: str = "
   correct = batch.get("correct")
   h_S = model.hidden_states(cfg, params, tokens, batch["mask"])[:, P - 1:P - 1 + C]
   teacher_params = jax.lax.stop_gradient(teacher_params)
+  # The teacher runs forward only: its hidden states here, its logits once per chunk inside
+  # linear_chunk_loss (never recomputed for the backward).
   h_T = model.hidden_states(cfg, teacher_params, teacher_tokens, batch["teacher_mask"])
   h_T = jax.lax.stop_gradient(h_T[:, Pt - 1:Pt - 1 + C])
   targets = tokens[:, P:]
@@ -416,31 +418,36 @@ def opsd_loss_chunked(cfg, params, teacher_params, batch, *, divergence: str = "
       return topk_divergence(s_logits, t_logits, topk, kind_, jsd_beta, clip, temperature)
     return token_divergence(s_logits, t_logits, kind_, jsd_beta, clip, temperature)
 
-  def per_chunk(x):
-    h_s, h_t, targets_c, reverse_c = x
-    s_logits = model.unembed(cfg, params, h_s)
-    t_logits = jax.lax.stop_gradient(model.unembed(cfg, teacher_params, h_t))
-    ent = entropy(s_logits)
+  def per_chunk(head, h_s, x, teacher_head):
+    h_t, targets_c, reverse_c = x
+    s_logits = model.unembed(cfg, head, h_s)
+    t_logits = jax.lax.stop_gradient(model.unembed(cfg, teacher_head, h_t))
+    ent = jax.lax.stop_gradient(entropy(s_logits))
     if estimator == "sampled":
       loss, est = sampled_divergence(s_logits, t_logits, targets_c, temperature)
-      return loss, est, ent
+      return loss, (jax.lax.stop_gradient(est), ent)
     if rollout_filter == "split_direction":
       div = jnp.where(reverse_c, divergence_of(s_logits, t_logits, "rkl"),
                       divergence_of(s_logits, t_logits, "fkl"))
     else:
       div = divergence_of(s_logits, t_logits, kind)
-    return div, div, ent
-
-  reverse_NC = jnp.broadcast_to(reverse_N[:, None], (N, C))
-  loss_NC, estimate_NC, entropy_NC = chunk_map(per_chunk, (h_S, h_T, targets, reverse_NC), chunk)
+    return div, (jax.lax.stop_gradient(div), ent)
 
   selected_N = _row_selection(rollout_filter, correct, N)
   weight_NC = completion_mask.astype(jnp.float32) * selected_N[:, None]
   trained = jnp.sum(weight_NC)
-  if reduction == "token":
-    loss = jnp.sum(loss_NC * weight_NC) / jnp.maximum(trained, 1.0)
-  else:
-    loss = aggregate(loss_NC, weight_NC, "seq_mean_token_mean")
+
+  def reduce(loss_NC):
+    if reduction == "token":
+      return jnp.sum(loss_NC * weight_NC) / jnp.maximum(trained, 1.0)
+    return aggregate(loss_NC, weight_NC, "seq_mean_token_mean")
+
+  # Both reductions are linear in the per-token loss: their weights are its gradient.
+  coef_NC = jax.grad(reduce)(jnp.zeros((N, C), jnp.float32))
+  reverse_NC = jnp.broadcast_to(reverse_N[:, None], (N, C))
+  loss, (estimate_NC, entropy_NC) = linear_chunk_loss(
+      per_chunk, head_params(cfg, params), h_S, (h_T, targets, reverse_NC),
+      head_params(cfg, teacher_params), coef_NC, chunk)
   metrics = {
       "opsd/teacher_kl": masked_mean(estimate_NC, weight_NC),
       "opsd/selected_frac": jnp.mean(selected_N),
