@@ -1,8 +1,8 @@
 """Decoder-only transformer covering Llama 3, Qwen2/2.5 and Qwen3 by flags (see ModelConfig).
 
 RMSNorm, RoPE (with Llama-3 / linear scaling), grouped-query attention, SwiGLU, layers scanned
-(`nn.scan`) so compile time does not grow with depth. Every parameter carries logical axis names
-(`parallel.py` maps them onto the mesh). Positions and a segment-id mask are explicit, so
+(`nn.scan`; unrolled up to 8 layers) so compile time does not grow with depth. Every parameter
+carries logical axis names (`parallel.py` maps them onto the mesh). Positions and a segment-id mask are explicit, so
 left-padded and packed batches are exact.
 
 Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
