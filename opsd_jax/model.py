@@ -2,8 +2,8 @@
 
 RMSNorm, RoPE (with Llama-3 / linear scaling), grouped-query attention, SwiGLU, layers scanned
 (`nn.scan`; unrolled up to 8 layers) so compile time does not grow with depth. Every parameter
-carries logical axis names (`parallel.py` maps them onto the mesh). Positions and a segment-id mask are explicit, so
-left-padded and packed batches are exact.
+carries logical axis names (`parallel.py` maps them onto the mesh). Positions and a segment-id
+mask are explicit, so left-padded and packed batches are exact.
 
 Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
   embed/embedding [V, D]; lm_head/kernel [D, V] (untied only); final_norm/scale [D];
