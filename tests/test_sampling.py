@@ -93,6 +93,34 @@ def test_greedy_matches_transformers(tmp_path):
   assert (out.logprobs == 0).all()
 
 
+def test_per_layer_cache_matches_full_forward_and_phases_match_one_phase(params):
+  # The decode loop's form: unstacked weights, one cache buffer per layer, left-padded rows.
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 9), 1, CFG.vocab_size))
+  mask = np.ones((2, 9), bool)
+  mask[1, :3] = False  # row 1: 3 pad tokens on the left
+  positions = model.positions_from_mask(jnp.asarray(mask))
+  full = model.forward(CFG, params, tokens, mask_BT=mask)
+  per_layer = model.unstack_layers(params)
+  cache = model.init_cache(CFG, 2, 9, per_layer=True)
+  kv = jnp.asarray(mask[:, :6])
+  logits, cache = model.forward_cached(CFG, per_layer, tokens[:, :6], positions[:, :6], cache,
+                                       jnp.zeros(2, jnp.int32), jnp.pad(kv, ((0, 0), (0, 3))))
+  steps = [logits]
+  for t in range(6, 9):
+    logits, cache = model.forward_cached(CFG, per_layer, tokens[:, t:t + 1], positions[:, t:t + 1],
+                                         cache, jnp.full(2, t, jnp.int32), jnp.asarray(mask))
+    steps.append(logits)
+  got = np.concatenate(steps, 1)
+  np.testing.assert_allclose(got[mask], np.asarray(full)[mask], atol=2e-4, rtol=2e-4)
+  # A static batch that grows its cache in phases = continuous batching (one full-length phase).
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  assert len(sampling._phase_ends(70, grow_cache=True)) > 2
+  kw = dict(rng=jax.random.key(0), max_new_tokens=70, temperature=0.0, prompt_buckets=(8,))
+  grown = sampling.generate(CFG, params, prompts, **kw)
+  one_phase = sampling.generate(CFG, params, prompts, continuous_batching=True, num_slots=2, **kw)
+  np.testing.assert_array_equal(grown.tokens, one_phase.tokens)
+
+
 def test_generate_first_token_distribution_and_groups(params):
   prompts = [[3, 4, 5, 6], [7, 8]]
   out = sampling.generate(CFG, params, prompts, rng=jax.random.key(3), max_new_tokens=2,
