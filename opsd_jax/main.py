@@ -15,6 +15,7 @@ prints one line to stderr.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -63,9 +64,12 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTER
 
 
 def _fail(kind, error, code):
-  """One line on stderr (messages from libraries may span lines), and the exit status."""
+  """One line on stderr (messages from libraries may span lines), then exit at once: after a
+  failed restore, tensorstore's threads print tracebacks of their own at interpreter shutdown,
+  which would bury the line."""
   print(f"{kind}: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-  return code
+  sys.stdout.flush()
+  os._exit(code)
 
 
 def parse_flags(argv):

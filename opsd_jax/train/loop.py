@@ -3,7 +3,9 @@ non-finite guard. A stage loop is then only its own data flow (see sft.py, rlvr.
 
 Resume contract: a checkpoint at step s holds the train state after s updates plus `extra`
 (the data-iterator state, and whatever else the loop needs); the loop restarts at step s and
-metrics.jsonl drops its records past s, so a resumed run equals an uninterrupted one.
+metrics.jsonl drops its records past s, so a resumed run equals an uninterrupted one. Bit for bit
+on CPU with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false: with multi-threaded Eigen kernels an SFT
+step's float sums were seen to differ in the last bit between two processes (tests/test_resume.py).
 
 Preemption: SIGTERM (what a preemptible TPU VM gets before it goes) only sets a flag; after the
 step in flight, `maybe_checkpoint` saves that step and raises Preempted, and the CLI exits 143.
@@ -20,6 +22,7 @@ import threading
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 
 from opsd_jax import checkpoint, metrics as metrics_lib
@@ -88,8 +91,11 @@ class StageLoop:
                updates_per_step: int = 1, teacher_params=None):
     self.run, self.stage, self.total_steps = run, stage, total_steps
     # The schedule counts optimizer updates: RLVR/OPSD make several per rollout batch.
-    self.optimizer = optim.make_optimizer(run.cfg.optimizer, total_steps * updates_per_step,
-                                          learning_rate)
+    opt_cfg = run.cfg.optimizer
+    if getattr(run.cfg, stage).warmup_steps >= 0:  # the stage's own warmup
+      opt_cfg = ml_collections.ConfigDict(opt_cfg.to_dict())
+      opt_cfg.warmup_steps = getattr(run.cfg, stage).warmup_steps
+    self.optimizer = optim.make_optimizer(opt_cfg, total_steps * updates_per_step, learning_rate)
     rng = jax.random.fold_in(jax.random.key(run.cfg.seed), _STAGE_IDS[stage])
     self.state = state_lib.create(params, self.optimizer, rng, teacher_params,
                                   model_cfg=run.model_cfg, mesh=run.mesh)
@@ -115,9 +121,12 @@ class StageLoop:
                                                  target_shardings=shardings)
     except checkpoint.CheckpointError as e:
       self.close()
+      reason = " ".join(str(e).split())  # orbax/tensorstore details run to pages: keep the head
+      reason = reason if len(reason) <= 300 else reason[:300] + " ..."
       raise checkpoint.CheckpointError(
-          f"{self.stage}: cannot resume: {e} (delete {os.path.join(self.ckpt_dir, str(latest))}"
-          f" to resume from an earlier step, or the whole directory to restart the stage)") from e
+          f"{self.stage}: cannot resume: {reason} (delete "
+          f"{os.path.join(self.ckpt_dir, str(latest))} to resume from an earlier step, or the "
+          "whole directory to restart the stage)") from e
     self.start_step = latest
     self.run.logger.truncate_after(self.stage, latest)
     print(f"{self.stage}: resumed from step {latest}", flush=True)
