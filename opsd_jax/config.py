@@ -173,6 +173,7 @@ def default_config() -> ml_collections.ConfigDict:
       steps=0, batch_size=32, micro_batches=1, seq_len=256, packing=False,
       concise_share=0.3,   # toy: share of SFT examples with the teacher prompt, concise response
       learning_rate=-1.0,  # each stage's learning_rate < 0: use optimizer.learning_rate
+      warmup_steps=-1,     # each stage's warmup_steps < 0: use optimizer.warmup_steps
       eval_every=0, checkpoint_every=0))
 
   c.rlvr = ml_collections.ConfigDict(dict(
@@ -182,7 +183,7 @@ def default_config() -> ml_collections.ConfigDict:
       eps_low=0.2, eps_high=0.2, kl_beta=0.0,
       dynamic_sampling=True, mask_truncated=False,
       format_reward=0.0, overlong_penalty=0.0, overlong_buffer=0,
-      learning_rate=-1.0, eval_every=0, checkpoint_every=0))
+      learning_rate=-1.0, warmup_steps=-1, eval_every=0, checkpoint_every=0))
 
   c.opsd = ml_collections.ConfigDict(dict(
       steps=0, prompts_per_step=16, rollouts_per_prompt=1, mini_batches=1,
@@ -198,7 +199,7 @@ def default_config() -> ml_collections.ConfigDict:
       reduction="token",             # token | sequence
       rollout_filter="correct_only",  # all | correct_only | incorrect_only | split_direction
       student_thinking=True, teacher_thinking=True,
-      learning_rate=-1.0, eval_every=0, checkpoint_every=0))
+      learning_rate=-1.0, warmup_steps=-1, eval_every=0, checkpoint_every=0))
 
   c.loss_chunk = 256  # tokens per chunk in chunked log-prob / divergence computation
 

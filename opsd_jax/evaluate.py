@@ -196,11 +196,11 @@ def plot_curves(rows: Sequence[dict], path: str, x_key: str = "step",
     series[row.get(series_key, "") if series_key else ""].append(row)
   figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
   for axis, metric, title in zip(axes[0], metrics, titles or metrics):
-    for name, points in series.items():
+    for i, (name, points) in enumerate(series.items()):  # one colour per series in every panel
       points = sorted((p[x_key], p[metric]) for p in points if metric in p)
       if points:
         xs, ys = zip(*points)
-        axis.plot(xs, ys, marker=".", label=str(name) or None)
+        axis.plot(xs, ys, marker=".", color=f"C{i % 10}", label=str(name) or None)
     axis.set_xlabel(x_key)
     axis.set_title(title)
     if series_key:

@@ -228,7 +228,10 @@ def report(run: Run, results: dict[str, Any]):
           f"{table}\n")
   metrics.write_text_atomic(os.path.join(run.workdir, "results.md"), text)
   evaluate.plot_stages(rows, os.path.join(run.workdir, "stages.png"))
-  evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"))
+  evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"),
+                       metrics=("loss", "accuracy", "completions/mean_length"),
+                       series_key="stage",
+                       titles=("train loss", "rollout accuracy", "rollout length (tokens)"))
   print(text, flush=True)
 
 

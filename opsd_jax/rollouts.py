@@ -17,6 +17,8 @@ import numpy as np
 from opsd_jax import prompts as prompts_lib
 from opsd_jax import sampling
 
+COMPLETION_MULTIPLE = 32
+
 
 @dataclasses.dataclass
 class Rollouts:
@@ -78,8 +80,17 @@ def _pad_cat(arrays, width):
   return np.concatenate(out)
 
 
+def completion_width(lengths_N, max_new_tokens: int, multiple: int = COMPLETION_MULTIPLE) -> int:
+  """The learner's completion width C: the longest completion rounded up to `multiple` (so only a
+  few shapes compile), at most max_new_tokens. Padding every batch to max_new_tokens would make
+  the learner pay for tokens nobody generated."""
+  longest = max(1, int(np.max(lengths_N)))
+  return min(max_new_tokens, -(-longest // multiple) * multiple)
+
+
 def learner_batch(prompt_ids, tokens_NC, lengths_N, buckets, pad_id=0) -> dict[str, np.ndarray]:
-  """[prompt | completion] sequences in the learner layout (see module doc)."""
+  """[prompt | completion] sequences in the learner layout (see module doc); the completion width
+  is tokens_NC's (trim it with `completion_width` first)."""
   ids_NP, mask_NP = sampling.pad_prompts(prompt_ids, buckets, pad_id=pad_id)
   C = tokens_NC.shape[1]
   completion_mask = np.arange(C)[None, :] < np.asarray(lengths_N)[:, None]

@@ -44,9 +44,10 @@ def train(run, params):
         run, lp.state.params, problems, num_samples=o.rollouts_per_prompt,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step))
-    batch = rollouts_lib.learner_batch(ro.prompt_ids, ro.tokens, ro.lengths, s.prompt_buckets,
+    tokens = ro.tokens[:, :rollouts_lib.completion_width(ro.lengths, s.max_new_tokens)]
+    batch = rollouts_lib.learner_batch(ro.prompt_ids, tokens, ro.lengths, s.prompt_buckets,
                                        run.tok.pad_id)
-    t = rollouts_lib.learner_batch(teacher_prompts(run, problems, ro.problem_ids), ro.tokens,
+    t = rollouts_lib.learner_batch(teacher_prompts(run, problems, ro.problem_ids), tokens,
                                    ro.lengths, s.prompt_buckets, run.tok.pad_id)
     batch.update(teacher_tokens=t["tokens"], teacher_mask=t["mask"], correct=ro.correct)
     selected = _FILTERS[o.rollout_filter](ro.correct)

@@ -62,7 +62,8 @@ def train(run, params):
     keep_P, frac_zero_std = rl.dynamic_sampling_mask(r_PG)
     keep_N = np.repeat(np.asarray(keep_P), c.group_size) if c.dynamic_sampling else \
         np.ones(len(adv_N), bool)
-    batch = rollouts_lib.learner_batch(ro.prompt_ids, ro.tokens, ro.lengths,
+    C = rollouts_lib.completion_width(ro.lengths, s.max_new_tokens)
+    batch = rollouts_lib.learner_batch(ro.prompt_ids, ro.tokens[:, :C], ro.lengths,
                                        s.prompt_buckets, run.tok.pad_id)
     completion_mask = batch["completion_mask"] & keep_N[:, None]
     if c.mask_truncated:
@@ -82,7 +83,7 @@ def train(run, params):
         lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
         updates.append(m)
     trained = completion_mask.astype(bool)
-    mismatch = np.abs(ro.sample_logprobs - batch["old_logprobs"])[trained]
+    mismatch = np.abs(ro.sample_logprobs[:, :C] - batch["old_logprobs"])[trained]
     values = mean_metrics(updates)
     values.update({
         "reward/mean": float(r_PG.mean()), "reward/std": float(r_PG.std()),
