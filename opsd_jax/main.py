@@ -67,8 +67,12 @@ def _fail(kind, error, code):
   """One line on stderr (messages from libraries may span lines), then exit at once: after a
   failed restore, tensorstore's threads print tracebacks of their own at interpreter shutdown,
   which would bury the line."""
-  print(f"{kind}: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
   sys.stdout.flush()
+  sys.stderr.flush()
+  # One write(2) call, starting on a fresh line: library threads writing to stderr at the same
+  # moment can neither split the line nor run into its start.
+  line = f"\n{kind}: {' '.join(str(error).split())}\n"
+  os.write(sys.stderr.fileno(), line.encode("utf-8", "replace"))
   os._exit(code)
 
 
