@@ -23,7 +23,7 @@ from opsd_jax import prompts
 from opsd_jax import tokenizer as tokenizer_lib
 from opsd_jax.data import toy
 from pipeline_helpers import record_fuzz_counts
-from test_tokenizer import make_qwen3_like_dir
+from test_prompts import qwen  # noqa: F401  (the Qwen3-like tokenizer fixture)
 
 COUNTS = collections.Counter()
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -55,15 +55,6 @@ def plain(tmp_path_factory):
   train, _ = toy.make_splits(0, 200, 0)
   tok = toy.build_tokenizer(train, str(tmp_path_factory.mktemp("toy")))
   return tok, tokenizer_lib.chat_template(tok, "plain"), None
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-  import transformers
-  directory = make_qwen3_like_dir(str(tmp_path_factory.mktemp("qwen3_like")))
-  tok = tokenizer_lib.load("hf", directory)
-  return tok, tokenizer_lib.chat_template(tok, "checkpoint"), \
-      transformers.AutoTokenizer.from_pretrained(directory)
 
 
 def _reference_suffix(which, hf_tok, content, thinking) -> str:
