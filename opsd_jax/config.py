@@ -207,6 +207,10 @@ def default_config() -> ml_collections.ConfigDict:
       num_problems=500, samples_per_problem=1, temperature=0.0, top_p=1.0, top_k=0,
       max_new_tokens=256, batch_size=128, verify_timeout_s=5.0))
 
+  # The paper's grid (experiments/toy_paper_grid.py): after the stages, one OPSD branch per
+  # (rollout filter, divergence, seed), each from the last stage's parameters. Empty = no grid.
+  c.grid = ml_collections.ConfigDict(dict(rollout_filters=(), divergences=(), seeds=()))
+
   c.on_nonfinite = "stop"  # stop | skip
   c.log_every = 10
   return c
@@ -260,6 +264,15 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
     value = _get(cfg, key)
     if value not in choices:
       raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+  for key, field in (("grid.rollout_filters", "opsd.rollout_filter"),
+                     ("grid.divergences", "opsd.divergence")):
+    for value in _get(cfg, key):
+      if value not in _CHOICES[field]:
+        raise ConfigError(f"{key}: {value!r} is not one of {_CHOICES[field]}")
+  g = cfg.grid
+  if bool(g.rollout_filters) != bool(g.divergences) or bool(g.rollout_filters) != bool(g.seeds):
+    raise ConfigError("grid.rollout_filters, grid.divergences and grid.seeds must be all set "
+                      "or all empty")
   for key in _POSITIVE:
     if _get(cfg, key) < 1:
       raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)!r}")

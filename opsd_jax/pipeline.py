@@ -177,7 +177,6 @@ def run(cfg, workdir):
   run_ = setup(cfg, workdir)
   results = load_results(run_)
   params = None
-  previous = "init"
   try:
     for stage in cfg.stages:
       final_dir = os.path.join(run_.stage_dir(stage), "final")
@@ -185,7 +184,6 @@ def run(cfg, workdir):
         print(f"{stage}: already done, loading its final parameters", flush=True)
         params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
                                                                              run_.mesh))
-        previous = stage
         continue
       if params is None:
         params = initial_params(run_)
@@ -200,9 +198,10 @@ def run(cfg, workdir):
       results[stage]["train_seconds"] = round(time.time() - t0, 1)
       save_results(run_, results)
       _print_eval(stage, results[stage])
-      previous = stage
-    del previous
     report(run_, results)
+    if cfg.grid.rollout_filters:  # OPSD branches from the last stage's parameters
+      from opsd_jax import grid
+      grid.run(run_, params, results)
   finally:
     run_.grader.close()
     run_.logger.close()
@@ -262,4 +261,11 @@ def plan(cfg, workdir) -> str:
   lines.append(f"mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
   for stage in cfg.stages:
     lines.append(memory.stage_summary(cfg, model_cfg, stage, mesh_shape))
+  g = cfg.grid
+  if g.rollout_filters:
+    n = len(g.rollout_filters) * len(g.divergences) * len(g.seeds)
+    lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
+                 f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)} x "
+                 f"seeds {list(g.seeds)})")
+    lines.append(memory.stage_summary(cfg, model_cfg, "opsd", mesh_shape))
   return "\n".join(lines)
