@@ -38,16 +38,17 @@ class Rollouts:
     return ~self.finished
 
 
-def student_prompts(run, problems) -> list[list[int]]:
-  o = run.cfg.opsd
-  return [prompts_lib.student(run.tok, run.template, p["question"],
-                              thinking=o.student_thinking) for p in problems]
+def student_prompts(run, problems, thinking: bool = True) -> list[list[int]]:
+  return [prompts_lib.student(run.tok, run.template, p["question"], thinking=thinking)
+          for p in problems]
 
 
 def sample_and_grade(run, params, problems, *, num_samples, temperature, top_p, top_k,
-                     max_new_tokens, rng, batch_size=None) -> Rollouts:
-  """Samples `num_samples` completions per problem (prompt-major) and grades each."""
-  prompt_ids = student_prompts(run, problems)
+                     max_new_tokens, rng, batch_size=None, thinking=True) -> Rollouts:
+  """Samples `num_samples` completions per problem (prompt-major) and grades each. `thinking`
+  is the student's mode: on for RLVR and evaluation (the Qwen3 thinking convention); OPSD passes
+  opsd.student_thinking (Paper A distils a thinking-off student)."""
+  prompt_ids = student_prompts(run, problems, thinking)
   batch_size = len(problems) if batch_size is None else max(1, batch_size // num_samples)
   parts = []
   for i, start in enumerate(range(0, len(problems), batch_size)):

@@ -11,7 +11,6 @@ from opsd_jax import data, parallel
 from opsd_jax import prompts as prompts_lib
 from opsd_jax import rollouts as rollouts_lib
 from opsd_jax.train import loop, steps
-from opsd_jax.train.rlvr import mean_metrics, split_rows
 
 _FILTERS = {"all": lambda c: np.ones_like(c), "correct_only": lambda c: c,
             "incorrect_only": lambda c: ~c, "split_direction": lambda c: np.ones_like(c)}
@@ -43,7 +42,7 @@ def train(run, params):
     ro = rollouts_lib.sample_and_grade(
         run, lp.state.params, problems, num_samples=o.rollouts_per_prompt,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step))
+        max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step), thinking=o.student_thinking)
     tokens = ro.tokens[:, :rollouts_lib.completion_width(ro.lengths, s.max_new_tokens)]
     batch = rollouts_lib.learner_batch(ro.prompt_ids, tokens, ro.lengths, s.prompt_buckets,
                                        run.tok.pad_id)
@@ -52,7 +51,7 @@ def train(run, params):
     batch.update(teacher_tokens=t["tokens"], teacher_mask=t["mask"], correct=ro.correct)
     selected = _FILTERS[o.rollout_filter](ro.correct)
     updates, empty = [], 0
-    for mb, sel in zip(split_rows(batch, o.mini_batches),
+    for mb, sel in zip(loop.split_rows(batch, o.mini_batches),
                        np.array_split(selected, o.mini_batches)):
       if not sel.any():  # the filter chose nothing: a defined no-op, no optimizer update
         empty += 1
@@ -60,7 +59,7 @@ def train(run, params):
       lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
       updates.append(m)
     empty_total += empty
-    values = mean_metrics(updates)
+    values = loop.mean_metrics(updates)
     values.update({
         "accuracy": float(ro.correct.mean()),
         "completions/mean_length": float(ro.lengths.mean()),
