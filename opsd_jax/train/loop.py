@@ -186,3 +186,16 @@ class StageLoop:
     if self.ckpt is not None:
       self.ckpt.close()
       self.ckpt = None
+
+
+def split_rows(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+  """Consecutive mini-batches of a host batch (config validation makes `parts` divide it)."""
+  n = len(next(iter(batch.values())))
+  size = n // parts
+  return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def mean_metrics(items: list[dict[str, Any]]) -> dict[str, float]:
+  """Mean of each metric over the updates of one step ({} when there were none)."""
+  keys = items[0].keys() if items else []
+  return {k: float(np.mean([np.asarray(m[k]) for m in items])) for k in keys}

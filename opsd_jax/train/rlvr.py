@@ -25,17 +25,6 @@ def rewards(ro, cfg) -> np.ndarray:
   return r
 
 
-def split_rows(batch, parts: int):
-  n = len(next(iter(batch.values())))
-  size = n // parts
-  return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
-
-
-def mean_metrics(items):
-  keys = items[0].keys() if items else []
-  return {k: float(np.mean([np.asarray(m[k]) for m in items])) for k in keys}
-
-
 def train(run, params):
   cfg, c, s = run.cfg, run.cfg.rlvr, run.cfg.sampling
   if c.steps == 0:
@@ -77,14 +66,14 @@ def train(run, params):
       batch["ref_logprobs"] = parallel.local_rows(score(ref_params, device_batch), run.mesh)
     updates = []
     for _ in range(c.updates_per_batch):
-      for mb in split_rows(batch, c.mini_batches):
+      for mb in loop.split_rows(batch, c.mini_batches):
         if not mb["completion_mask"].any():  # every group of it had equal rewards: no gradient
           continue
         lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
         updates.append(m)
     trained = completion_mask.astype(bool)
     mismatch = np.abs(ro.sample_logprobs[:, :C] - batch["old_logprobs"])[trained]
-    values = mean_metrics(updates)
+    values = loop.mean_metrics(updates)
     values.update({
         "reward/mean": float(r_PG.mean()), "reward/std": float(r_PG.std()),
         "accuracy": float(ro.correct.mean()),
