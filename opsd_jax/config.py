@@ -172,6 +172,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, micro_batches=1, seq_len=256, packing=False,
       concise_share=0.3,   # toy: share of SFT examples with the teacher prompt, concise response
+      thinking_off_share=0.0,  # toy: share of SFT examples with thinking off (short trace)
       learning_rate=-1.0,  # each stage's learning_rate < 0: use optimizer.learning_rate
       warmup_steps=-1,     # each stage's warmup_steps < 0: use optimizer.warmup_steps
       eval_every=0, checkpoint_every=0))
@@ -209,7 +210,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # The paper's grid (experiments/toy_paper_grid.py): after the stages, one OPSD branch per
   # (rollout filter, divergence, seed), each from the last stage's parameters. Empty = no grid.
-  c.grid = ml_collections.ConfigDict(dict(rollout_filters=(), divergences=(), seeds=()))
+  # thinking_off_arms: extra "rollout_filter/divergence" arms (same seeds) with a thinking-off
+  # student and a thinking-on teacher (Paper A), evaluated with thinking off.
+  c.grid = ml_collections.ConfigDict(dict(rollout_filters=(), divergences=(), seeds=(),
+                                          thinking_off_arms=()))
 
   c.on_nonfinite = "stop"  # stop | skip
   c.log_every = 10
@@ -270,6 +274,18 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
       if value not in _CHOICES[field]:
         raise ConfigError(f"{key}: {value!r} is not one of {_CHOICES[field]}")
   g = cfg.grid
+  for arm in g.thinking_off_arms:
+    rollout_filter, _, divergence = str(arm).partition("/")
+    if (rollout_filter not in _CHOICES["opsd.rollout_filter"]
+        or divergence not in _CHOICES["opsd.divergence"]):
+      raise ConfigError(f"grid.thinking_off_arms: {arm!r} is not 'rollout_filter/divergence' "
+                        f"with a filter in {_CHOICES['opsd.rollout_filter']} and a divergence "
+                        f"in {_CHOICES['opsd.divergence']}")
+  if g.thinking_off_arms and not g.seeds:
+    raise ConfigError("grid.thinking_off_arms needs grid.seeds")
+  if not 0.0 <= cfg.sft.concise_share <= 1.0 or not 0.0 <= cfg.sft.thinking_off_share <= 1.0:
+    raise ConfigError(f"sft.concise_share and sft.thinking_off_share must be in [0, 1], got "
+                      f"{cfg.sft.concise_share} and {cfg.sft.thinking_off_share}")
   if bool(g.rollout_filters) != bool(g.divergences) or bool(g.rollout_filters) != bool(g.seeds):
     raise ConfigError("grid.rollout_filters, grid.divergences and grid.seeds must be all set "
                       "or all empty")

@@ -120,20 +120,21 @@ def initial_params(run: Run):
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_params(run: Run, params, label: str) -> dict[str, Any]:
-  """Held-out accuracy and response length, with the settings stated in the result."""
+def evaluate_params(run: Run, params, label: str, thinking: bool = True) -> dict[str, Any]:
+  """Held-out accuracy and response length, with the settings stated in the result. `thinking`
+  is the student's mode (on: the Qwen3 thinking convention; off: the grid's thinking-off arm)."""
   e = run.cfg.eval
   problems = run.test[:e.num_problems]
   t0 = time.time()
   ro = rollouts_lib.sample_and_grade(
       run, params, problems, num_samples=e.samples_per_problem, temperature=e.temperature,
       top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
-      rng=jax.random.key(run.cfg.seed + 10_000), batch_size=e.batch_size)
+      rng=jax.random.key(run.cfg.seed + 10_000), batch_size=e.batch_size, thinking=thinking)
   summary = evaluate.summarize(ro.problem_ids, ro.correct, ro.lengths, ro.truncated, ro.texts)
   summary.update(label=label, seconds=round(time.time() - t0, 1),
                  settings=dict(num_problems=len(problems), samples=e.samples_per_problem,
                                temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                               max_new_tokens=e.max_new_tokens))
+                               max_new_tokens=e.max_new_tokens, thinking=thinking))
   return summary
 
 

@@ -13,6 +13,16 @@ SFT mixes two kinds of examples: student prompt -> verbose trace, and (a `concis
 teacher prompt with the reference -> the concise trace, so the model learns that with the
 reference in view it writes concisely; OPSD then distils that into the student.
 
+Thinking off (a `thinking_off_share` of the SFT examples; Qwen3's hybrid mode): the prompt ends
+with an empty thought and the completion is the short trace, the steps written once with no
+re-checks, then the answer: "17 + 25 = 42. 42 - 8 = 34. The answer is \\boxed{34}." Not the
+answer alone: Qwen3's non-thinking answers still show a brief worked solution, and a model this
+small cannot do three steps of arithmetic without writing them, so answer-only would make the
+thinking-off mode a guessing mode instead of a short-output mode. With no re-checking, a slip in
+the trace is never caught (the short trace carries it to a wrong answer), so thinking off is
+shorter and less accurate than thinking on -- the regime where Paper A says hindsight supervision
+can name better tokens.
+
 Everything is deterministic by seed; the test problems are drawn first from the stream of
 unique questions, so the test set does not depend on num_train, and the splits never share a
 question.
@@ -107,7 +117,9 @@ def _slipped(rng, true_value, later_ops):
 
 
 def _trace(rng: random.Random, start, ops, style: TraceStyle):
-  """The verbose trace text and (final value, num_rechecks, slip kind)."""
+  """The verbose trace text, (final value, num_rechecks, slip kind) and the short (thinking-off)
+  trace text with its final value. The short trace reuses the verbose trace's draws (same slip,
+  left uncaught), so it draws nothing more from `rng` and the verbose data stay as they were."""
   n = len(ops)
   num_rechecks = rng.randint(0, style.max_rechecks)
   rechecks_after = [rng.randrange(n) for _ in range(num_rechecks)]
@@ -117,6 +129,8 @@ def _trace(rng: random.Random, start, ops, style: TraceStyle):
   for i, (op, b) in enumerate(ops):
     true = _apply(value, op, b)
     written = _slipped(rng, true, ops[i + 1:]) if i == slip_at else true
+    if i == slip_at:
+      slipped_value = written
     parts.append(_step(value, op, b, written))
     if i == slip_at and caught:
       parts.append(f"{rng.choice(RECHECK_PHRASES)} {value} {op} {b} = {true}, not {written}.")
@@ -125,13 +139,25 @@ def _trace(rng: random.Random, start, ops, style: TraceStyle):
       parts.append(f"{rng.choice(RECHECK_PHRASES)} {_step(value, op, b, written)}")
     value = written
   slip = "none" if slip_at is None else "caught" if caught else "uncaught"
-  return response(" ".join(parts), value), value, num_rechecks, slip
+  short_parts, short_value = [], start
+  for i, (op, b) in enumerate(ops):
+    c = slipped_value if i == slip_at else _apply(short_value, op, b)
+    short_parts.append(_step(short_value, op, b, c))
+    short_value = c
+  short = short_response(" ".join(short_parts), short_value)
+  return response(" ".join(parts), value), value, num_rechecks, slip, short, short_value
 
 
 def response(thought: str, answer) -> str:
   """The response form every toy completion has (the completion text before EOS)."""
   return (f"{tokenizer_lib.THINK_OPEN} {thought} {tokenizer_lib.THINK_CLOSE} "
           f"The answer is \\boxed{{{answer}}}.")
+
+
+def short_response(steps: str, answer) -> str:
+  """A thinking-off completion: the steps outside any thought, then the answer (the prompt
+  already ends with the empty thought)."""
+  return f"{steps} The answer is \\boxed{{{answer}}}."
 
 
 def make_problem(rng: random.Random, difficulty: int = 1, style: TraceStyle = TraceStyle()):
@@ -144,10 +170,12 @@ def make_problem(rng: random.Random, difficulty: int = 1, style: TraceStyle = Tr
 def _record(rng, start, ops, style):
   steps, answer = _solve(start, ops)
   reference = " ".join(_step(*s) for s in steps)
-  trace, final, num_rechecks, slip = _trace(rng, start, ops, style)
+  trace, final, num_rechecks, slip, short, short_final = _trace(rng, start, ops, style)
   return {"question": _question(start, ops), "reference": reference, "answer": str(answer),
           "trace": trace, "trace_correct": final == answer, "num_rechecks": num_rechecks,
-          "slip": slip, "concise_trace": response(reference, answer)}
+          "slip": slip, "concise_trace": response(reference, answer),
+          "short_trace": short, "short_trace_correct": short_final == answer,
+          "concise_short_trace": short_response(reference, answer)}
 
 
 def make_splits(seed: int, num_train: int, num_test: int, difficulty: int = 1,
@@ -197,24 +225,29 @@ def build_tokenizer(problems, workdir: str, vocab_size: int = 256) -> tokenizer_
 
 
 def sft_examples(problems, tok, template, concise_share: float = 0.3, seed: int = 0,
-                 thinking: bool = True) -> list[tuple[list[int], list[int]]]:
+                 thinking_off_share: float = 0.0) -> list[tuple[list[int], list[int]]]:
   """(prompt_ids, completion_ids) per problem: a `concise_share` of them teacher prompt (full
-  reference) -> concise trace, the rest student prompt -> verbose trace; EOS ends each
-  completion."""
-  if not 0.0 <= concise_share <= 1.0:
-    raise ValueError(f"concise_share must be in [0, 1], got {concise_share}")
+  reference) -> concise trace, the rest student prompt -> verbose trace; a `thinking_off_share`
+  of either kind rendered with thinking off instead (the prompt closes an empty thought, the
+  completion is the short trace: see the module doc). EOS ends each completion. The thinking
+  draws come from their own stream, so a share of 0 gives the same examples as before it
+  existed."""
+  for name, share in (("concise_share", concise_share), ("thinking_off_share", thinking_off_share)):
+    if not 0.0 <= share <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {share}")
   rng = random.Random(f"toy-sft-{seed}")
+  thinking_rng = random.Random(f"toy-sft-thinking-{seed}")
   eos = tok.eos_ids[0]
   examples = []
   for p in problems:
-    if rng.random() < concise_share:
+    concise = rng.random() < concise_share
+    thinking = not (thinking_off_share and thinking_rng.random() < thinking_off_share)
+    if concise:
       prompt = prompts.teacher(tok, template, p["question"], p["reference"], "full",
                                thinking=thinking)
-      completion = p["concise_trace"]
+      completion = p["concise_trace"] if thinking else p["concise_short_trace"]
     else:
       prompt = prompts.student(tok, template, p["question"], thinking=thinking)
-      completion = p["trace"]
-    if not thinking:  # the prompt already closed an empty thought; answer only
-      completion = completion.split(tokenizer_lib.THINK_CLOSE, 1)[1].lstrip()
+      completion = p["trace"] if thinking else p["short_trace"]
     examples.append((prompt, tok.encode(completion) + [eos]))
   return examples

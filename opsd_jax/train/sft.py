@@ -12,7 +12,8 @@ def examples(run) -> list[tuple[list[int], list[int]]]:
   if c.data.kind == "toy":
     from opsd_jax.data import toy
     return toy.sft_examples(run.train, run.tok, run.template,
-                            concise_share=c.sft.concise_share, seed=c.seed)
+                            concise_share=c.sft.concise_share, seed=c.seed,
+                            thinking_off_share=c.sft.thinking_off_share)
   eos = run.tok.eos_ids[0]
   out = []
   for p in run.train:
