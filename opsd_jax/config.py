@@ -16,6 +16,8 @@ import ml_collections
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+# Projections LoRA can adapt (the model's module names): attention q/k/v/o, MLP gate/up/down.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # stored parameters
   remat: str = "none"           # rematerialisation per layer: none | full | dots
   max_position: int = 32768
+  # LoRA (set from the experiment's `lora` section, see opsd_jax/lora.py): rank 0 = no adapters.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
     problems = []
@@ -72,6 +78,7 @@ class ModelConfig:
       if kind not in ("llama3", "linear"):
         problems.append(f"model.rope_scaling.rope_type {kind!r} is not supported "
                         "(supported: llama3, linear)")
+    problems += _lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets)
     if problems:
       raise ConfigError(problems[0])
 
@@ -96,6 +103,8 @@ class ModelConfig:
       raise ConfigError(f"model.{unknown[0]} is not a model config key (known: {sorted(known)})")
     if d.get("rope_scaling") is not None:
       d["rope_scaling"] = tuple(sorted(dict(d["rope_scaling"]).items()))
+    if isinstance(d.get("lora_targets"), list):  # hashable, like rope_scaling
+      d["lora_targets"] = tuple(d["lora_targets"])
     return cls(**d)
 
   def num_params(self) -> int:
@@ -110,11 +119,30 @@ class ModelConfig:
     return self.n_layers * per_layer + embed + self.d_model
 
 
+def _lora_problems(rank, alpha, targets) -> list[str]:
+  """What is wrong with LoRA settings, named by their experiment keys (lora.*)."""
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    return [f"lora.rank must be an int >= 0 (0 = off), got {rank!r}"]
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    return [f"lora.alpha must be > 0, got {alpha!r}"]
+  if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+    return [f"lora.targets must be a tuple of projection names, got {targets!r}"]
+  for t in targets:
+    if t not in LORA_TARGETS:
+      return [f"lora.targets: {t!r} is not one of {LORA_TARGETS}"]
+  if len(set(targets)) != len(targets):
+    return [f"lora.targets names a projection twice: {tuple(targets)}"]
+  if rank > 0 and not targets:
+    return ["lora.targets must name at least one projection when lora.rank > 0"]
+  return []
+
+
 def model_config(**kw) -> ml_collections.ConfigDict:
   """The model section of an experiment config: the fields of ModelConfig (vocab_size 0 means
-  the tokenizer's vocabulary size, filled in at run time)."""
+  the tokenizer's vocabulary size, filled in at run time). The lora_* fields are not in it: the
+  experiment's `lora` section sets them (lora.with_config)."""
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-              if f.default is not dataclasses.MISSING}
+              if f.default is not dataclasses.MISSING and not f.name.startswith("lora_")}
   defaults.update(vocab_size=0, d_model=0, n_layers=0, n_heads=0, n_kv_heads=0, head_dim=0,
                   mlp_dim=0)
   defaults.update(kw)
@@ -167,7 +195,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, warmup_steps=0, schedule="constant",  # constant|cosine
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      state_dtype="param",    # param | float32: optimizer state (moments) dtype (train/optim.py)
+      master_weights=False))  # keep a float32 copy of the params (needs state_dtype float32)
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, micro_batches=1, seq_len=256, packing=False,
@@ -202,6 +232,10 @@ def default_config() -> ml_collections.ConfigDict:
       student_thinking=True, teacher_thinking=True,
       learning_rate=-1.0, warmup_steps=-1, eval_every=0, checkpoint_every=0))
 
+  # LoRA for every stage (opsd_jax/lora.py): rank 0 = full fine-tuning. Only the adapters
+  # train; each stage ends by merging them into its output parameters.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS))
+
   c.loss_chunk = 256  # tokens per chunk in chunked log-prob / divergence computation
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -214,6 +248,10 @@ def default_config() -> ml_collections.ConfigDict:
   # student and a thinking-on teacher (Paper A), evaluated with thinking off.
   c.grid = ml_collections.ConfigDict(dict(rollout_filters=(), divergences=(), seeds=(),
                                           thinking_off_arms=()))
+
+  # --dry_run's memory plan (opsd_jax/memory.py): a TPU slice such as "v5p-8" or "v5e-16" (its
+  # chips are the plan's devices, fsdp=-1 takes all of them); "" = this machine's devices.
+  c.plan = ml_collections.ConfigDict(dict(tpu=""))
 
   c.on_nonfinite = "stop"  # stop | skip
   c.log_every = 10
@@ -228,6 +266,7 @@ _CHOICES = {
     "data.on_bad_row": ("error", "skip"),
     "optimizer.name": ("adamw", "adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
+    "optimizer.state_dtype": ("param", "float32"),
     "rlvr.advantage_scale": ("group", "batch", "none"),
     "rlvr.aggregation": ("token_mean", "seq_mean_token_mean", "constant"),
     "opsd.teacher": ("frozen", "ema", "current"),
@@ -331,6 +370,17 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   if (o.prompts_per_step * o.rollouts_per_prompt) % o.mini_batches:
     raise ConfigError(f"opsd.mini_batches ({o.mini_batches}) must divide prompts_per_step x "
                       f"rollouts_per_prompt")
+  if cfg.optimizer.master_weights and cfg.optimizer.state_dtype != "float32":
+    raise ConfigError("optimizer.master_weights needs optimizer.state_dtype='float32'")
+  if cfg.plan.tpu:
+    from opsd_jax import memory  # local, as parallel below
+    try:
+      num_devices = memory.tpu_slice(cfg.plan.tpu).chips  # the plan's mesh is the slice's
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  lora_problems = _lora_problems(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+  if lora_problems:
+    raise ConfigError(lora_problems[0])
   if cfg.data.kind == "jsonl" and not cfg.data.train_path:
     raise ConfigError("data.train_path must be set when data.kind='jsonl'")
   if cfg.tokenizer.kind in ("sentencepiece", "hf") and not cfg.tokenizer.path:
