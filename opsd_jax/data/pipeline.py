@@ -4,8 +4,13 @@ Every iterator here has `get_state() -> dict` (plain JSON types) and `set_state(
 checkpoint stores the state and a restored iterator yields exactly the batches the original
 would have yielded next. Shuffling reshuffles each epoch (grain's index shuffle, by seed).
 
-Batch sizes are global: each of `process_count` processes reads its own slice of the data
-(`process_index::process_count`) and yields `batch_size // process_count` rows.
+Batch sizes are global: each of `process_count` processes yields `batch_size // process_count`
+rows, its own contiguous block of each global batch (process p: rows p*b .. (p+1)*b - 1, the rows
+`parallel.shard_batch` expects from it). Every process shuffles with the same seed, so global
+batch k is exactly the batch k a single process would yield: a run's data does not depend on how
+many processes read it, and the iterator state is the same on every process (the checkpoint keeps
+process 0's). Record batches read only this process's rows; packed SFT batches are packed
+globally on every process (packing needs the whole batch) and each keeps its rows.
 """
 from __future__ import annotations
 
@@ -32,16 +37,20 @@ def _local_batch(batch_size, count):
   return batch_size // count
 
 
-def _base(source, seed, shuffle, num_epochs, shard):
-  index, count = _shard(shard)
+def _base(source, seed, shuffle, num_epochs):
   ds = grain.MapDataset.source(source)
-  if count > 1:
-    ds = ds[index::count]
   if len(ds) == 0:
-    raise ValueError(f"no data for process {index} of {count} (source has {len(source)} rows)")
+    raise ValueError("no data (the source has 0 rows)")
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  return ds.repeat(num_epochs), count
+  return ds.repeat(num_epochs)
+
+
+def _own_batches(ds, local_batch, drop_remainder, batch_fn, index, count):
+  """Batches of `local_batch` consecutive rows; process `index` takes every `count`-th one from
+  its own: together the processes' k-th batches are the k-th global batch, in process order."""
+  ds = ds.batch(local_batch, drop_remainder=drop_remainder, batch_fn=batch_fn)
+  return ds[index::count] if count > 1 else ds
 
 
 class Batches:
@@ -75,10 +84,10 @@ def record_batches(source: Sequence, batch_size: int, seed: int = 0, shuffle: bo
                    shard: tuple[int, int] | None = None) -> Batches:
   """Batches (lists) of normalised records {"question", "reference", "answer"} from a list or
   a tfds data source, e.g. the prompts of RLVR / OPSD steps. num_epochs None = repeat forever."""
-  ds, count = _base(source, seed, shuffle, num_epochs, shard)
-  ds = ds.map(decode_record).batch(_local_batch(batch_size, count), drop_remainder=drop_remainder,
-                                   batch_fn=list)
-  return Batches(ds)
+  index, count = _shard(shard)
+  local_batch = _local_batch(batch_size, count)
+  ds = _base(source, seed, shuffle, num_epochs).map(decode_record)
+  return Batches(_own_batches(ds, local_batch, drop_remainder, list, index, count))
 
 
 def _clip(example, seq_len):
@@ -117,18 +126,22 @@ def sft_batches(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_s
   if not kept:
     raise ValueError(f"no sft example fits seq_len={seq_len} ({dropped} dropped)")
   info = {"examples": len(kept), "truncated": int(truncated), "dropped": dropped}
-  ds, count = _base(kept, seed, shuffle, num_epochs, shard)
+  index, count = _shard(shard)
   local_batch = _local_batch(batch_size, count)
+  ds = _base(kept, seed, shuffle, num_epochs)
   if packing:
     ds = ds.map(lambda e: {"tokens": e[0], "loss_mask": e[1]}).to_iter_dataset()
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"tokens": seq_len, "loss_mask": seq_len},
-        num_packing_bins=local_batch, seed=seed, shuffle_bins=shuffle,
+        num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle,
         padding_struct={"tokens": pad_id, "loss_mask": 0})
-    ds = ds.map(_rename_packed)
-  else:
-    ds = ds.map(lambda e: _pad(e, seq_len, pad_id))
-  return Batches(ds.batch(local_batch, drop_remainder=True), info)
+    rows = slice(index * local_batch, (index + 1) * local_batch)
+    ds = ds.map(_rename_packed).batch(batch_size, drop_remainder=True)
+    if count > 1:
+      ds = ds.map(lambda b: {k: v[rows] for k, v in b.items()})
+    return Batches(ds, info)
+  ds = ds.map(lambda e: _pad(e, seq_len, pad_id))
+  return Batches(_own_batches(ds, local_batch, True, None, index, count), info)
 
 
 def _pad(example, seq_len, pad_id):
