@@ -241,7 +241,8 @@ def report(run: Run, results: dict[str, Any]):
 
 
 def plan(cfg, workdir) -> str:
-  """Validates everything that can be checked without training and returns the plan."""
+  """Validates everything that can be checked without training and returns the plan, with the
+  per-device memory of each stage (memory.py) on plan.tpu's slice or on this machine's devices."""
   from opsd_jax import memory
   lines = [f"experiment {cfg.name}: stages {' -> '.join(cfg.stages)}; workdir {workdir}"]
   if cfg.init_from:
@@ -249,24 +250,40 @@ def plan(cfg, workdir) -> str:
     if not os.path.isdir(cfg.init_from):
       raise PipelineError(f"init_from: no Hugging Face directory at {cfg.init_from!r}")
     model_cfg = hf.read_config(cfg.init_from)
+    # The checkpoint fixes the architecture; the experiment's numerics still apply.
+    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                  remat=cfg.model.remat)
   else:
     section = cfg.model.to_dict()
     if section["vocab_size"] == 0:
       section["vocab_size"] = 512  # toy: set by the tokenizer trained at run time
     model_cfg = config_lib.ModelConfig.from_dict(section)
-  mesh_shape = parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  tpu = memory.tpu_slice(cfg.plan.tpu) if cfg.plan.tpu else None
+  devices = tpu.chips if tpu else jax.device_count()
+  mesh_shape = parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
   lines.append(f"model: {model_cfg.family} d_model={model_cfg.d_model} layers="
                f"{model_cfg.n_layers} heads={model_cfg.n_heads}/{model_cfg.n_kv_heads} "
                f"vocab={model_cfg.vocab_size} params={model_cfg.num_params() / 1e6:.2f}M "
-               f"dtype={model_cfg.dtype}")
-  lines.append(f"mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
-  for stage in cfg.stages:
-    lines.append(memory.stage_summary(cfg, model_cfg, stage, mesh_shape))
+               f"dtype={model_cfg.dtype} param_dtype={model_cfg.param_dtype} "
+               f"remat={model_cfg.remat} optimizer state={cfg.optimizer.state_dtype}"
+               f"{' + float32 master weights' if cfg.optimizer.master_weights else ''}")
+  lines.append(f"mesh (data, fsdp, tensor) = {mesh_shape} over {devices} "
+               f"{'chips of ' + tpu.name if tpu else 'devices'}")
+  plans = memory.plan(cfg, model_cfg, mesh_shape)
+  for p in plans[:-1]:
+    lines.append(f"stage {p.stage}: {cfg[p.stage].steps} steps, {p.shape}; memory per device "
+                 f"~{p.total / memory.GiB:.3f} GiB")
+  lines.append(f"eval: {plans[-1].shape}; memory per device ~{plans[-1].total / memory.GiB:.3f} "
+               "GiB")
+  lines.extend(memory.format_plan(plans, mesh_shape, tpu))
   g = cfg.grid
   if g.rollout_filters:
     n = len(g.rollout_filters) * len(g.divergences) * len(g.seeds)
     lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
                  f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)} x "
-                 f"seeds {list(g.seeds)})")
-    lines.append(memory.stage_summary(cfg, model_cfg, "opsd", mesh_shape))
+                 f"seeds {list(g.seeds)}); each branch plans as stage opsd above"
+                 if "opsd" in cfg.stages else
+                 f"seeds {list(g.seeds)}); memory per device "
+                 f"~{memory.plan_stage(cfg, model_cfg, 'opsd', mesh_shape).total / memory.GiB:.3f}"
+                 " GiB")
   return "\n".join(lines)

@@ -68,6 +68,22 @@ def test_answers_references_and_traces(splits):
       assert len(wrong_steps) == 1 and catches == 1 and p["trace_correct"]
     else:  # an uncaught slip carries through (re-checks of that step repeat it)
       assert wrong_steps and not catches and not p["trace_correct"]
+    # thinking off: each step once, no thought, no re-check; a slip (even one the verbose trace
+    # caught) is carried to the end
+    short = p["short_trace"]
+    short_steps = STEP.findall(short)
+    assert "<think>" not in short and not any(ph in short for ph in toy.RECHECK_PHRASES)
+    assert short == " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in short_steps) + \
+        f" The answer is \\boxed{{{short_steps[-1][3]}}}."
+    assert len(short_steps) == len(values) and short_steps[0][0] == p["question"].split()[2][:-1]
+    assert all(int(short_steps[i][3]) == int(short_steps[i + 1][0])
+               for i in range(len(short_steps) - 1))
+    short_wrong = [s for s in short_steps if OPS[s[1]](int(s[0]), int(s[2])) != int(s[3])]
+    assert len(short_wrong) == (p["slip"] != "none")
+    assert p["short_trace_correct"] == (boxed(short) == p["answer"]) == (p["slip"] == "none")
+    if p["slip"] != "none":  # the same wrong step as the verbose trace wrote first
+      assert short_wrong[0] == wrong_steps[0]
+    assert p["concise_short_trace"] == f"{p['reference']} The answer is \\boxed{{{gold}}}."
     phrases = sum(trace.count(ph) for ph in toy.RECHECK_PHRASES)
     assert p["num_rechecks"] == phrases - catches
     assert 0 <= p["num_rechecks"] <= 4
@@ -128,10 +144,33 @@ def test_sft_examples(splits, tok):
       assert text == p["trace"]
       assert tok.decode(prompt) == prompts.student_text(template, p["question"])
   assert 0.25 < concise / len(train) < 0.35
-  no_think = toy.sft_examples(train[:5], tok, template, thinking=False)
-  for p, (prompt, completion) in zip(train, no_think):
-    assert tok.decode(prompt).endswith("<|assistant|><think></think>")
-    assert tok.decode(completion[:-1]) == f"The answer is \\boxed{{{boxed(tok.decode(completion))}}}."
+  # thinking_off_share: that share rendered thinking off (prompt closes an empty thought, short
+  # trace); the concise/verbose draw per problem stays the same, and share 0 = the old examples
+  mixed = toy.sft_examples(train, tok, template, concise_share=0.3, seed=1,
+                           thinking_off_share=0.4)
+  assert toy.sft_examples(train, tok, template, concise_share=0.3, seed=1,
+                          thinking_off_share=0.0) == examples
+  off = 0
+  for p, (prompt, completion), (old_prompt, old_completion) in zip(train, mixed, examples):
+    prompt_text, text = tok.decode(prompt), tok.decode(completion[:-1])
+    teacher = prompts.REFERENCE_INTRO in prompt_text
+    assert teacher == (prompts.REFERENCE_INTRO in tok.decode(old_prompt))
+    if prompt_text.endswith("<|assistant|><think></think>"):
+      off += 1
+      if teacher:
+        assert prompt_text == prompts.teacher_text(template, p["question"], p["reference"],
+                                                   thinking=False)
+        assert text == f"{p['reference']} The answer is \\boxed{{{p['answer']}}}."
+      else:
+        assert prompt_text == prompts.student_text(template, p["question"], thinking=False)
+        assert text == p["short_trace"]
+    else:
+      assert (prompt, completion) == (old_prompt, old_completion)
+  assert 0.35 < off / len(train) < 0.45
+  all_off = toy.sft_examples(train[:20], tok, template, thinking_off_share=1.0)
+  assert all(tok.decode(pr).endswith("<think></think>") for pr, _ in all_off)
+  with pytest.raises(ValueError, match="thinking_off_share"):
+    toy.sft_examples(train[:2], tok, template, thinking_off_share=1.5)
 
 
 def test_toy_stats_match_definitions(capsys):
