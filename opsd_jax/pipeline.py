@@ -64,7 +64,12 @@ def _load_data(cfg, workdir):
     from opsd_jax.data import toy
     train, test = toy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test,
                                   cfg.data.difficulty)
+    # Multi-host: process 0 trains the tokenizer into the workdir, the others then load it.
+    if not parallel.is_primary():
+      parallel.sync("toy_tokenizer")
     tok = toy.build_tokenizer(train + test, workdir)
+    if parallel.is_primary():
+      parallel.sync("toy_tokenizer")
     return train, test, tok
   for key in ("train_path", "test_path"):
     if not os.path.isfile(cfg.data[key]):
@@ -176,13 +181,14 @@ def _stage_loop(stage):
 
 def run(cfg, workdir):
   run_ = setup(cfg, workdir)
-  results = load_results(run_)
+  # Multi-host: process 0's files decide what is done, for every process alike.
+  results = parallel.broadcast_object(load_results(run_) if parallel.is_primary() else None)
   params = None
   try:
     for stage in cfg.stages:
       final_dir = os.path.join(run_.stage_dir(stage), "final")
-      if stage in results and checkpoint.exists(final_dir):
-        print(f"{stage}: already done, loading its final parameters", flush=True)
+      if parallel.broadcast_object(stage in results and checkpoint.exists(final_dir)):
+        _say(f"{stage}: already done, loading its final parameters")
         params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
                                                                              run_.mesh))
         continue
@@ -199,7 +205,8 @@ def run(cfg, workdir):
       results[stage]["train_seconds"] = round(time.time() - t0, 1)
       save_results(run_, results)
       _print_eval(stage, results[stage])
-    report(run_, results)
+    if parallel.is_primary():
+      report(run_, results)
     if cfg.grid.rollout_filters:  # OPSD branches from the last stage's parameters
       from opsd_jax import grid
       grid.run(run_, params, results)
@@ -208,11 +215,16 @@ def run(cfg, workdir):
     run_.logger.close()
 
 
+def _say(text):
+  """Progress lines come from process 0 only (multi-host)."""
+  if parallel.is_primary():
+    print(text, flush=True)
+
+
 def _print_eval(stage, r):
-  print(f"[eval {stage}] accuracy={r['accuracy']:.3f} mean_length={r['mean_length']:.1f} "
+  _say(f"[eval {stage}] accuracy={r['accuracy']:.3f} mean_length={r['mean_length']:.1f} "
         f"(correct {r['mean_length_correct']:.1f}, incorrect {r['mean_length_incorrect']:.1f}) "
-        f"truncated={r['truncation_rate']:.3f} markers/response={r['hesitation_mean_per_response']:.2f}",
-        flush=True)
+        f"truncated={r['truncation_rate']:.3f} markers/response={r['hesitation_mean_per_response']:.2f}")
 
 
 def report(run: Run, results: dict[str, Any]):
