@@ -11,6 +11,8 @@ Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
   layers/attn/{q,k,v}_proj/kernel [L, D, heads, H] (+ bias [L, heads, H] with qkv_bias);
   layers/attn/o_proj/kernel [L, N, H, D]; layers/attn/{q,k}_norm/scale [L, H] (qk_norm);
   layers/mlp/{gate,up}/kernel [L, D, F]; layers/mlp/down/kernel [L, F, D].
+With cfg.lora_rank > 0, each projection LoRA targets also holds lora_a [L, in dims, r] and
+lora_b [L, r, out dims] (float32; see `_lora_update`; opsd_jax/lora.py splits and merges them).
 
 Two entry points: `forward` (full sequence, no cache) and `forward_cached` (writes T new tokens
 into a KV cache at a per-row slot and attends to everything the cache holds; prefill is T = the
@@ -153,7 +155,8 @@ class Attention(nn.Module):
 
 
 class _Kernel(nn.Module):
-  """A projection `x @ kernel (+ bias)` with named axes; einsum spec given at call time."""
+  """A projection `x @ kernel (+ bias)` with named axes; einsum spec given at call time. When
+  LoRA targets it (cfg.lora_targets, by this module's name), plus its adapter's update."""
   cfg: ModelConfig
   shape: tuple[int, ...]
   axes: tuple[str, ...]
@@ -168,18 +171,64 @@ class _Kernel(nn.Module):
     if self.bias_shape is not None:
       bias = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
       y = y + bias.astype(dt)
-    return y
+    return _plus(y, _lora_update(self, x, spec))
 
 
 class _Weight(nn.Module):
-  """Just a named kernel parameter, for callers that combine kernels before one matmul."""
+  """Just a named kernel parameter, for callers that combine kernels before one matmul; its
+  LoRA update comes from `_lora_update(weight_module, x, spec)` (adapters live next to kernel)."""
   cfg: ModelConfig
   shape: tuple[int, ...]
   axes: tuple[str, ...]
 
   @nn.compact
-  def __call__(self):
-    return _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
+  def __call__(self, x, spec):
+    """(kernel, the LoRA update of x @ kernel or None)."""
+    kernel = _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
+    return kernel, _lora_update(self, x, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA: y = x @ W + (alpha / r) (x @ A) @ B, never a merged W + scale A @ B per step
+# --------------------------------------------------------------------------------------------
+
+
+def _plus(y, update):
+  return y if update is None else y + update
+
+
+def _lora_update(module, x, spec):
+  """(alpha / r) (x @ A) @ B for the projection `module` (a _Kernel / _Weight with shape and axes;
+  spec its einsum "x,kernel->y"), or None where LoRA does not target it. A [in dims, r] and
+  B [r, out dims] carry the kernel's own logical axes, so they shard like it; B starts at 0, so a
+  fresh adapter changes nothing. A parameter tree without the adapters (the base weights alone:
+  OPSD's frozen teacher) runs with them off."""
+  cfg = module.cfg
+  if cfg.lora_rank == 0 or module.name not in cfg.lora_targets:
+    return None
+  if not module.is_initializing() and not module.has_variable("params", "lora_a"):
+    return None
+  x_spec, rest = spec.split(",")
+  k_spec, y_spec = rest.split("->")
+  ins = [i for i, c in enumerate(k_spec) if c in x_spec]    # contracted with x
+  outs = [i for i, c in enumerate(k_spec) if c not in x_spec]
+  r = cfg.lora_rank
+  in_shape, out_shape = [module.shape[i] for i in ins], [module.shape[i] for i in outs]
+  # peft's default: A ~ kaiming-uniform (bound 1 / sqrt(fan_in)), B = 0.
+  a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                            in_axis=tuple(range(len(ins))), out_axis=-1)
+  a = module.param("lora_a", nn.with_logical_partitioning(
+      a_init, tuple(module.axes[i] for i in ins) + ("lora_rank",)), (*in_shape, r), jnp.float32)
+  b = module.param("lora_b", nn.with_logical_partitioning(
+      nn.initializers.zeros, ("lora_rank",) + tuple(module.axes[i] for i in outs)),
+      (r, *out_shape), jnp.float32)
+  dt = _dtype(cfg.dtype)
+  batch = "".join(c for c in x_spec if c not in k_spec)
+  in_letters = "".join(k_spec[i] for i in ins)
+  out_letters = "".join(k_spec[i] for i in outs)
+  xa = jnp.einsum(f"{x_spec},{in_letters}R->{batch}R", x.astype(dt), a.astype(dt))
+  delta = jnp.einsum(f"{batch}R,R{out_letters}->{y_spec}", xa, b.astype(dt))
+  return (cfg.lora_alpha / r) * delta
 
 
 class MLP(nn.Module):
@@ -191,11 +240,13 @@ class MLP(nn.Module):
     # gate and up as ONE [D, 2F] matmul: on CPU the wider dot and its backward run ~10 % faster
     # than two (fewer transposed copies of [B, T, F] temporaries).
     dt = _dtype(cfg.dtype)
-    kernels = [_Weight(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)()
-               for name in ("gate", "up")]
+    (gate_w, gate_lora), (up_w, up_lora) = [
+        _Weight(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)(
+            x_BTD, "BTD,DF->BTF") for name in ("gate", "up")]
     # Stacked (not concatenated) so a tensor-sharded F axis stays where it is: no resharding.
-    gate_up = jnp.einsum("BTD,DKF->BTKF", x_BTD.astype(dt), jnp.stack(kernels, 1).astype(dt))
-    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    gate_up = jnp.einsum("BTD,DKF->BTKF", x_BTD.astype(dt),
+                         jnp.stack([gate_w, up_w], 1).astype(dt))
+    gate, up = _plus(gate_up[:, :, 0], gate_lora), _plus(gate_up[:, :, 1], up_lora)
     h = nn.silu(gate) * up
     return _Kernel(cfg, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), name="down")(h, "BTF,FD->BTD")
 

@@ -1,4 +1,8 @@
-"""The train state every step consumes and returns, and its shardings on a mesh."""
+"""The train state every step consumes and returns, and its shardings on a mesh.
+
+With LoRA (model_cfg.lora_rank > 0) `params` are the adapters only, so the optimizer state is
+adapter-shaped; the frozen base sits in `base_params`, which the steps take as a separate,
+never-donated argument and hand back as the same buffers (train/steps.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,26 +13,36 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opsd_jax import model, parallel
+from opsd_jax import lora, model, parallel
 
 
 @flax.struct.dataclass
 class TrainState:
   """step: updates applied so far (int32); rng: a key the loops split from; teacher_params: the
-  OPSD teacher (frozen snapshot or EMA), None otherwise (and for teacher='current');
-  skipped_steps: updates skipped because the loss or gradient was not finite."""
+  OPSD teacher (frozen snapshot or EMA), None otherwise (and for teacher='current'; with LoRA an
+  EMA of the adapters, and None for 'frozen', whose teacher is base_params alone);
+  skipped_steps: updates skipped because the loss or gradient was not finite; base_params: the
+  frozen base under LoRA adapters (None without LoRA)."""
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   teacher_params: Any = None
   skipped_steps: jax.Array | None = None
+  base_params: Any = None
 
 
 def create(params, optimizer: optax.GradientTransformation, rng, teacher_params=None, *,
-           model_cfg=None, mesh=None) -> TrainState:
+           model_cfg=None, mesh=None, base_params=None) -> TrainState:
   """A fresh state around existing params (and teacher, copied into its own buffers). With a
-  mesh (and the model_cfg), everything is placed in the shardings the steps expect."""
+  mesh (and the model_cfg), everything is placed in the shardings the steps expect. With LoRA,
+  params are the adapters and base_params the frozen base (kept as is, not copied)."""
+  if base_params is not None:
+    if mesh is not None:  # a no-op where it already sits there (what the pipeline passes)
+      base_params = jax.device_put(base_params, parallel.param_shardings(
+          lora.base_config(model_cfg), mesh))
+    state = create(params, optimizer, rng, teacher_params, model_cfg=model_cfg, mesh=mesh)
+    return state.replace(base_params=base_params)
   def build(params, teacher_params, rng):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=rng, teacher_params=teacher_params,
@@ -56,7 +70,12 @@ def shardings_like(abstract_params, optimizer, mesh, teacher: bool, param_shardi
 
 
 def state_shardings(model_cfg, optimizer, mesh, teacher: bool = False):
-  """Shardings of a TrainState for a model config (params from parallel.param_shardings)."""
+  """Shardings of a TrainState for a model config (params from parallel.param_shardings). With
+  LoRA: of the adapters (and an adapter-EMA teacher); base_params is left None, as the jitted
+  steps see the state (the base travels beside it)."""
+  if lora.enabled(model_cfg):
+    return shardings_like(nn.unbox(lora.abstract_adapters(model_cfg)), optimizer, mesh, teacher,
+                          lora.adapter_shardings(model_cfg, mesh))
   abstract = nn.unbox(model.abstract_params(model_cfg))
   return shardings_like(abstract, optimizer, mesh, teacher,
                         parallel.param_shardings(model_cfg, mesh))

@@ -3,6 +3,10 @@ in/out shardings (state as train.state.state_shardings, every batch array split 
 on its leading dimension, metrics replicated) and the state donated. The same code runs on one
 CPU device and on a (data, fsdp, tensor) mesh. Batch layouts: see opsd_jax/losses.py's doc.
 
+LoRA (model_cfg.lora_rank > 0): state.params are the adapters, the only leaves differentiated and
+updated; the frozen base (state.base_params) enters the jitted step as its own argument, not
+donated, and comes back as the very same buffers. The model sees lora.combine(base, adapters).
+
 Every step guards the update: when the loss or the gradient norm is not finite, params, optimizer
 state and teacher stay as they were, `skipped_steps` counts it and metrics["nonfinite"] is 1; the
 loop decides whether to stop (on_nonfinite="stop") or go on (on_nonfinite="skip").
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opsd_jax import losses, model, parallel
+from opsd_jax import lora, losses, model, parallel
 from opsd_jax.train import optim
 from opsd_jax.train import state as state_lib
 
@@ -29,9 +33,26 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
+  """`step(state, batch)` around step_fn(state, base, batch), base = the LoRA base or None."""
   shardings = state_lib.state_shardings(model_cfg, optimizer, mesh, teacher)
-  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  out_shardings = (shardings, parallel.replicated(mesh))
+  if not lora.enabled(model_cfg):
+    return jax.jit(lambda state, batch: step_fn(state, None, batch),
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=out_shardings,
+                   donate_argnums=0)
+  base_shardings = parallel.param_shardings(lora.base_config(model_cfg), mesh)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, base_shardings, batch_sharding(mesh)),
+                   out_shardings=out_shardings, donate_argnums=0)
+
+  def step(state, batch):
+    base = state.base_params
+    if base is None:
+      raise ValueError("LoRA step: state.base_params is None (create the state with "
+                       "base_params=the frozen base)")
+    new_state, metrics = jitted(state.replace(base_params=None), base, batch)
+    return new_state.replace(base_params=base), metrics
+
+  return step
 
 
 def _apply_update(state, grads, loss, optimizer, metrics, update_teacher=None):
@@ -88,13 +109,13 @@ def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256)
   mesh = _mesh_or_default(mesh)
   M = int(sft_cfg.micro_batches)
 
-  def step(state, batch):
+  def step(state, base, batch):
     B = batch["tokens"].shape[0]
     if B % M:
       raise ValueError(f"sft.micro_batches ({M}) must divide the batch size ({B})")
     count = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
-    grad_fn = jax.value_and_grad(lambda p, mb: sft_loss_sum(model_cfg, p, mb, chunk),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: sft_loss_sum(model_cfg, lora.combine(base, p), mb, chunk), has_aux=True)
 
     def micro(x):  # [B, ...] -> [M, B / M, ...]; the B / M dim keeps the data sharding
       x = jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1)
@@ -138,16 +159,25 @@ def rollout_logprobs(model_cfg, params, batch, temperature: float = 1.0, chunk: 
 def make_score_fn(model_cfg, mesh=None, *, temperature: float = 1.0, chunk: int = 256):
   """Jitted `score(params, batch) -> logprobs [N, C]` (float32): the learner's own temperature-
   scaled log-probs, for old_logprobs (current params at rollout time) and ref_logprobs (the
-  reference params). Needs batch keys tokens, mask, completion_mask."""
+  reference params). Needs batch keys tokens, mask, completion_mask. With LoRA, params are
+  lora.combine(base, adapters), or the base alone (adapters off: the stage's reference)."""
   mesh = _mesh_or_default(mesh)
 
   def score(params, batch):
     batch = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
     return rollout_logprobs(model_cfg, params, batch, temperature, chunk)
 
-  return jax.jit(score, in_shardings=(parallel.param_shardings(model_cfg, mesh),
-                                      batch_sharding(mesh)),
-                 out_shardings=batch_sharding(mesh))
+  def jitted(cfg):
+    return jax.jit(score, in_shardings=(parallel.param_shardings(cfg, mesh),
+                                        batch_sharding(mesh)),
+                   out_shardings=batch_sharding(mesh))
+
+  with_adapters = jitted(model_cfg)
+  if not lora.enabled(model_cfg):
+    return with_adapters
+  base_only = jitted(lora.base_config(model_cfg))
+  return lambda params, batch: (with_adapters if lora.has_adapters(params) else base_only)(
+      params, batch)
 
 
 def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: float = 1.0,
@@ -172,10 +202,11 @@ def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: fl
     metrics["entropy"] = losses.masked_mean(ent, batch["completion_mask"])
     return loss, metrics
 
-  def step(state, batch):
+  def step(state, base, batch):
     if rlvr_cfg.kl_beta > 0 and "ref_logprobs" not in batch:
       raise ValueError("rlvr.kl_beta > 0: the batch needs ref_logprobs [N, C]")
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(lora.combine(base, p), batch), has_aux=True)(state.params)
     new_state, metrics = _apply_update(state, grads, loss, optimizer, metrics)
     return new_state, metrics
 
@@ -194,31 +225,45 @@ def make_opsd_step(model_cfg, opsd_cfg, optimizer, mesh=None, *, chunk: int = 25
   """OPSD: student = params on the student prompt, teacher on the teacher prompt, same completion
   tokens, divergence chunked over the completion. opsd_cfg.teacher: frozen (state.teacher_params,
   a snapshot never updated), ema (state.teacher_params <- decay t + (1 - decay) params after each
-  update), current (params under stop_gradient; state.teacher_params must be None)."""
+  update), current (params under stop_gradient; state.teacher_params must be None).
+
+  With LoRA the teacher never copies the base: frozen = the base alone (adapters off, i.e. the
+  stage's starting model; state.teacher_params None), ema = the base + an EMA of the adapters
+  (state.teacher_params), current = the base + the adapters under stop_gradient."""
   mesh = _mesh_or_default(mesh)
   if opsd_cfg.teacher not in TEACHERS:
     raise ValueError(f"opsd.teacher must be one of {TEACHERS}, got {opsd_cfg.teacher!r}")
   losses.check_opsd_options(opsd_cfg.divergence, opsd_cfg.estimator, opsd_cfg.reduction,
                             opsd_cfg.rollout_filter)
   clip = None if opsd_cfg.clip < 0 else float(opsd_cfg.clip)
-  uses_snapshot = opsd_cfg.teacher != "current"
+  uses_lora = lora.enabled(model_cfg)
+  uses_snapshot = opsd_cfg.teacher == "ema" or (opsd_cfg.teacher == "frozen" and not uses_lora)
 
-  def loss_fn(params, teacher_params, batch):
+  def teacher_of(params, teacher_params, base):
+    if opsd_cfg.teacher == "current":
+      return params
+    if uses_lora and opsd_cfg.teacher == "frozen":
+      return base
+    return lora.combine(base, teacher_params)
+
+  def loss_fn(adapters_or_params, teacher_params, base, batch):
+    params = lora.combine(base, adapters_or_params)
     return losses.opsd_loss_chunked(
-        model_cfg, params, params if teacher_params is None else teacher_params, batch,
+        model_cfg, params, teacher_of(params, teacher_params, base), batch,
         divergence=opsd_cfg.divergence, jsd_beta=opsd_cfg.jsd_beta, clip=clip,
         temperature=opsd_cfg.loss_temperature, estimator=opsd_cfg.estimator, topk=opsd_cfg.topk,
         reduction=opsd_cfg.reduction, rollout_filter=opsd_cfg.rollout_filter, chunk=chunk)
 
-  def step(state, batch):
+  def step(state, base, batch):
     if uses_snapshot and state.teacher_params is None:
       raise ValueError(f"opsd.teacher={opsd_cfg.teacher!r} needs state.teacher_params (create "
                        "the state with teacher_params=params)")
     if not uses_snapshot and state.teacher_params is not None:
-      raise ValueError("opsd.teacher='current' uses params as the teacher; create the state "
-                       "without teacher_params")
+      raise ValueError(f"opsd.teacher={opsd_cfg.teacher!r} "
+                       f"{'with LoRA uses the base alone' if uses_lora else 'uses params'} as the "
+                       "teacher; create the state without teacher_params")
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.teacher_params, batch)
+        state.params, state.teacher_params, base, batch)
     update_teacher = None
     if opsd_cfg.teacher == "ema":
       decay = opsd_cfg.ema_decay
