@@ -47,7 +47,8 @@ def main(argv):
   start = time.time()
   try:
     if _DRY_RUN.value:
-      print(pipeline.plan(cfg, _WORKDIR.value))
+      if parallel.is_primary():
+        print(pipeline.plan(cfg, _WORKDIR.value))
       return 0
     pipeline.run(cfg, _WORKDIR.value)
   except pipeline.INPUT_ERRORS as e:
@@ -56,7 +57,8 @@ def main(argv):
     return _fail("numerical error", e, 1)
   except pipeline.Preempted as e:
     return _fail("preempted", e, PREEMPTED_EXIT)
-  print(f"done in {time.time() - start:.0f} s; results in {_WORKDIR.value}/results.md")
+  if parallel.is_primary():  # multi-host: one process reports (and only it wrote the files)
+    print(f"done in {time.time() - start:.0f} s; results in {_WORKDIR.value}/results.md")
   return 0
 
 

@@ -8,6 +8,10 @@ run's, and with them a line a kill cut short.
 Every other file we write goes through `atomic_output` / `write_text_atomic`: written under a
 temporary name in the same directory and renamed into place, so a reader sees the whole file or
 none of it (the old one, if any), never half of it.
+
+Multi-host: only process 0 (`is_primary`) writes: the logger's records, TensorBoard, the progress
+bar and every file through `atomic_output` (results, tables, plots); the other processes compute
+the same values and write nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +26,12 @@ from typing import Any
 import numpy as np
 
 
+def is_primary() -> bool:
+  """Process 0 of a multi-host run (always true in one process). jax only if already loaded."""
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
+
+
 def _plain(value: Any):
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
     value = np.asarray(value)
@@ -32,15 +42,17 @@ def _plain(value: Any):
 @contextlib.contextmanager
 def atomic_output(path: str):
   """Yields a temporary path (same directory, same extension, so writers that infer the format
-  from it still work) to write; renames it to `path` when the block succeeds, removes it if not."""
+  from it still work) to write; renames it to `path` when the block succeeds, removes it if not.
+  On processes other than process 0 the file is written and then dropped."""
   directory, name = os.path.split(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   stem, ext = os.path.splitext(name)
   tmp = os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
   try:
     yield tmp
-    _fsync(tmp)
-    os.replace(tmp, path)
+    if is_primary():
+      _fsync(tmp)
+      os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -77,22 +89,26 @@ def _complete_lines(path):
 
 class Logger:
   def __init__(self, workdir: str, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
+    self.primary = is_primary()  # the others log nothing (multi-host)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
-    if tensorboard:
+    if self.primary:
+      os.makedirs(workdir, exist_ok=True)
+    if tensorboard and self.primary:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     self.interactive = sys.stderr.isatty()
 
   def truncate_after(self, stage: str, step: int):
     """Drops the records of `stage` beyond `step` (they belong to work the resume redoes)."""
-    if not os.path.exists(self.path):
+    if not self.primary or not os.path.exists(self.path):
       return
     kept = [r for r in _complete_lines(self.path) if not _beyond(r, stage, step)]
     write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
 
   def write(self, stage: str, step: int, metrics: dict[str, Any], echo: bool = False):
+    if not self.primary:
+      return
     record = {"stage": stage, "step": int(step), "time": round(time.time(), 3)}
     record.update({k: _plain(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
@@ -132,5 +148,6 @@ def _fmt(v):
 def progress(total: int, initial: int, desc: str):
   """A tqdm bar on interactive terminals; silent otherwise (the logger echoes lines instead)."""
   from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(),
+  return tqdm(total=total, initial=initial, desc=desc,
+              disable=not (sys.stderr.isatty() and is_primary()),
               dynamic_ncols=True)

@@ -10,9 +10,18 @@ the same program on a global mesh). Each process then feeds only its own rows of
 `shard_batch` takes a PROCESS-LOCAL batch and builds the global array from the pieces
 (`jax.make_array_from_process_local_data`); in a single process local = global, so callers do not
 change. `local_rows` / `process_batch_rows` go the other way, `to_host` gathers a whole array.
+
+Host-side decisions (which groups to keep, when to stop, what to evaluate) must be the same on
+every process, or the processes run different programs and hang in a collective. The pipeline
+keeps them equal by construction: `gather_rows` gives every process the global list of a batch's
+records (each read its own rows), the learner's host batches are global on every process and
+`shard_global_batch` feeds this process's rows of them, `broadcast_object` makes process 0's view
+of the workdir everyone's, `any_process` turns a local event (SIGTERM) into a global one. Only
+process 0 writes the run's files (`is_primary`); orbax checkpoints are written by all.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -244,3 +253,64 @@ def to_host(tree):
       return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(get, tree)
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes results, metrics and plots and prints progress."""
+  return jax.process_index() == 0
+
+
+def shard_global_batch(batch, mesh):
+  """`shard_batch` of a GLOBAL host batch that every process holds alike: each feeds its rows."""
+  if jax.process_count() == 1:
+    return shard_batch(batch, mesh)
+  def own(x):
+    x = np.asarray(x)
+    return x if x.ndim == 0 else x[process_batch_rows(mesh, x.shape[0])]
+  return shard_batch(jax.tree.map(own, batch), mesh)
+
+
+def _bytes_of(obj) -> np.ndarray:
+  return np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+
+
+def gather_rows(rows: list) -> list:
+  """The concatenation, in process order, of every process's list of JSON-able records (the
+  process-local rows of a batch -> the global batch, on every process)."""
+  if jax.process_count() == 1:
+    return list(rows)
+  data = _bytes_of(list(rows))
+  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  out = []
+  for size, row in zip(sizes, every):
+    out.extend(json.loads(row[:int(size)].tobytes().decode("utf-8")))
+  return out
+
+
+def broadcast_object(obj):
+  """Process 0's value of a JSON-able object, on every process."""
+  if jax.process_count() == 1:
+    return obj
+  data = _bytes_of(obj)
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int64)))
+  padded = np.zeros(size, np.uint8)
+  if is_primary():
+    padded[:] = data
+  padded = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+  return json.loads(padded.tobytes().decode("utf-8"))
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)]))).any())
+
+
+def sync(name: str) -> None:
+  """Waits until every process reached the barrier `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

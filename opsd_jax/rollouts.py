@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from opsd_jax import parallel
 from opsd_jax import prompts as prompts_lib
 from opsd_jax import sampling
 
@@ -45,7 +46,9 @@ def student_prompts(run, problems, thinking: bool = True) -> list[list[int]]:
 
 def sample_and_grade(run, params, problems, *, num_samples, temperature, top_p, top_k,
                      max_new_tokens, rng, batch_size=None, thinking=True) -> Rollouts:
-  """Samples `num_samples` completions per problem (prompt-major) and grades each. `thinking`
+  """Samples `num_samples` completions per problem (prompt-major) and grades each. Multi-host:
+  `problems` is the global list (the same on every process, see parallel.gather_rows), and so is
+  the result; the sampler feeds each process's rows from its devices. `thinking`
   is the student's mode: on for RLVR and evaluation (the Qwen3 thinking convention); OPSD passes
   opsd.student_thinking (Paper A distils a thinking-off student)."""
   prompt_ids = student_prompts(run, problems, thinking)
@@ -67,10 +70,22 @@ def sample_and_grade(run, params, problems, *, num_samples, temperature, top_p, 
   texts = [run.tok.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
   problem_ids = np.repeat(np.arange(len(problems)), num_samples)
   golds = [problems[i]["answer"] for i in problem_ids]
-  graded = run.grader.grade(texts, golds)
-  correct = np.asarray(graded.correct) & finished  # a truncated response is incorrect
+  graded_correct, extracted, timed_out = _grade_shared(run.grader, texts, golds)
+  correct = graded_correct & finished  # a truncated response is incorrect
   return Rollouts(problem_ids, [prompt_ids[i] for i in problem_ids], tokens, lengths, finished,
-                  logprobs, texts, correct, list(graded.extracted), np.asarray(graded.timed_out))
+                  logprobs, texts, correct, extracted, timed_out)
+
+
+def _grade_shared(grader, texts, golds):
+  """(correct, extracted, timed_out) of every row, on every process; each process grades its
+  own block of the rows (multi-host: the problems are global, the sampler's output is too)."""
+  own = np.array_split(np.arange(len(texts)), jax.process_count())[jax.process_index()]
+  graded = grader.grade([texts[i] for i in own], [golds[i] for i in own])
+  mine = [[bool(c), e, bool(t)] for c, e, t in zip(graded.correct, graded.extracted,
+                                                   graded.timed_out)]
+  rows = parallel.gather_rows(mine)
+  return (np.asarray([r[0] for r in rows], bool), [r[1] for r in rows],
+          np.asarray([r[2] for r in rows], bool))
 
 
 def _pad_cat(arrays, width):

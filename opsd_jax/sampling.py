@@ -456,7 +456,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng:
     cache_sharding = NamedSharding(mesh, P(parallel.BATCH, tensor, None, None))
     batch_sharding = parallel.batch_sharding(mesh, 2)
     params = jax.device_put(params, parallel.param_shardings(cfg, mesh))
-    ids_UP, mask_UP = parallel.shard_batch((ids_UP, mask_UP), mesh)
+    # every process holds all prompts (multi-host: each feeds its rows of the global arrays)
+    ids_UP, mask_UP = parallel.shard_global_batch((ids_UP, mask_UP), mesh)
   tokens, logprobs, learner, lengths, finished = _generate_jit(
       params, ids_UP, mask_UP, prompt_of_row, rng, cfg=cfg, num_rows=num_rows,
       num_samples=num_samples, num_slots=slots, max_new_tokens=int(max_new_tokens),
@@ -464,8 +465,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng:
       eos_ids=tuple(int(e) for e in eos_ids), grow_cache=not continuous_batching,
       cache_sharding=cache_sharding,
       batch_sharding=batch_sharding)
+  # whole arrays on every process (multi-host: gathered from the other processes' devices)
+  tokens, logprobs, lengths, finished = parallel.to_host((tokens, logprobs, lengths, finished))
   return SampleOutput(
-      tokens=np.asarray(tokens), logprobs=np.asarray(logprobs), lengths=np.asarray(lengths),
-      finished=np.asarray(finished),
-      learner_logprobs=np.asarray(learner) if return_learner_logprobs else None,
+      tokens=tokens, logprobs=logprobs, lengths=lengths, finished=finished,
+      learner_logprobs=parallel.to_host(learner) if return_learner_logprobs else None,
       num_prefills=len(distinct))

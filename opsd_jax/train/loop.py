@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from opsd_jax import checkpoint, metrics as metrics_lib
+from opsd_jax import checkpoint, metrics as metrics_lib, parallel
 from opsd_jax.train import optim
 from opsd_jax.train import state as state_lib
 
@@ -129,7 +129,8 @@ class StageLoop:
           "whole directory to restart the stage)") from e
     self.start_step = latest
     self.run.logger.truncate_after(self.stage, latest)
-    print(f"{self.stage}: resumed from step {latest}", flush=True)
+    if parallel.is_primary():
+      print(f"{self.stage}: resumed from step {latest}", flush=True)
     return self.extra
 
   def steps(self):
@@ -158,7 +159,8 @@ class StageLoop:
         raise NonFiniteError(message + "; stopped (on_nonfinite='stop'); last good checkpoint: " +
                              (f"step {last} in {self.ckpt_dir}" if last is not None
                               else "none of this stage yet"))
-      print("warning: " + message + " (skipped, on_nonfinite='skip')", flush=True)
+      if parallel.is_primary():
+        print("warning: " + message + " (skipped, on_nonfinite='skip')", flush=True)
     values["skipped_updates"] = int(self.state.skipped_steps)
     every = max(1, self.run.cfg.log_every)
     echo = not self.run.logger.interactive and (step % every == 0 or step == self.total_steps)
@@ -173,9 +175,12 @@ class StageLoop:
     """After update `step`: save when due, at the end of the stage, and when SIGTERM came (then
     raise Preempted: the caller exits and a rerun resumes from this step)."""
     due = self.checkpoint_every and step % self.checkpoint_every == 0
-    if due or step == self.total_steps or self.sigterm.received:
+    # Multi-host: SIGTERM reaches the hosts at different moments; all must save the same step
+    # (orbax saves are collective) and stop together.
+    preempted = parallel.any_process(self.sigterm.received)
+    if due or step == self.total_steps or preempted:
       self.ckpt.save(step, self.state, extra_fn())
-    if self.sigterm.received:
+    if preempted:
       self.close()
       raise Preempted(f"{self.stage}: SIGTERM received; saved step {step} of {self.total_steps} "
                       f"in {self.ckpt_dir}; rerun the same command to resume")

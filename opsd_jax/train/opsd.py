@@ -38,7 +38,7 @@ def train(run, params):
   step_fn = steps.make_opsd_step(run.model_cfg, o, lp.optimizer, run.mesh, chunk=cfg.loss_chunk)
   empty_total = int(extra.get("empty_batches", 0))
   for step in lp.steps():
-    problems = next(prompts_it)
+    problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
     ro = rollouts_lib.sample_and_grade(
         run, lp.state.params, problems, num_samples=o.rollouts_per_prompt,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -56,7 +56,7 @@ def train(run, params):
       if not sel.any():  # the filter chose nothing: a defined no-op, no optimizer update
         empty += 1
         continue
-      lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
+      lp.state, m = step_fn(lp.state, parallel.shard_global_batch(mb, run.mesh))
       updates.append(m)
     empty_total += empty
     values = loop.mean_metrics(updates)

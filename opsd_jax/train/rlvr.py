@@ -42,7 +42,7 @@ def train(run, params):
                               chunk=cfg.loss_chunk)
   ref_params = params if c.kl_beta > 0 else None  # the stage's starting point, never donated
   for step in lp.steps():
-    problems = next(prompts_it)
+    problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
     ro = rollouts_lib.sample_and_grade(
         run, lp.state.params, problems, num_samples=c.group_size, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step))
@@ -59,17 +59,17 @@ def train(run, params):
       completion_mask &= ro.finished[:, None]
     batch["completion_mask"] = completion_mask
     batch["advantages"] = adv_N.astype(np.float32)
-    device_batch = parallel.shard_batch(batch, run.mesh)
-    # This process's rows of the global result (all rows on a single host).
-    batch["old_logprobs"] = parallel.local_rows(score(lp.state.params, device_batch), run.mesh)
+    # Host batches are global on every process (same decisions everywhere); each feeds its rows.
+    device_batch = parallel.shard_global_batch(batch, run.mesh)
+    batch["old_logprobs"] = parallel.to_host(score(lp.state.params, device_batch))
     if ref_params is not None:
-      batch["ref_logprobs"] = parallel.local_rows(score(ref_params, device_batch), run.mesh)
+      batch["ref_logprobs"] = parallel.to_host(score(ref_params, device_batch))
     updates = []
     for _ in range(c.updates_per_batch):
       for mb in loop.split_rows(batch, c.mini_batches):
         if not mb["completion_mask"].any():  # every group of it had equal rewards: no gradient
           continue
-        lp.state, m = step_fn(lp.state, parallel.shard_batch(mb, run.mesh))
+        lp.state, m = step_fn(lp.state, parallel.shard_global_batch(mb, run.mesh))
         updates.append(m)
     trained = completion_mask.astype(bool)
     mismatch = np.abs(ro.sample_logprobs[:, :C] - batch["old_logprobs"])[trained]
