@@ -29,7 +29,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from opsd_jax import model
+from opsd_jax import lora, model
 from opsd_jax.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -384,7 +384,13 @@ def _set(tree, path, value):
 def save(path: str, cfg: ModelConfig, params, max_shard_bytes: int = 4 << 30) -> None:
   """Writes config.json and model.safetensors (or shards + index when larger than
   max_shard_bytes) that transformers' from_pretrained loads. Files are written to temporary
-  names and renamed, so an interrupted save leaves no half-written file behind."""
+  names and renamed, so an interrupted save leaves no half-written file behind.
+
+  Params holding LoRA adapters (lora_a / lora_b next to kernels, cfg.lora_rank > 0) are saved
+  merged: W + (alpha / r) A B, the plain model a Hugging Face reader expects."""
+  if lora.has_adapters(params):
+    params = lora.merge(cfg, params)
+  cfg = cfg.replace(lora_rank=0) if cfg.lora_rank else cfg
   specs = _specs(cfg)
   _check_params(cfg, params, specs)
   os.makedirs(path, exist_ok=True)

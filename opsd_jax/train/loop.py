@@ -10,22 +10,31 @@ step's float sums were seen to differ in the last bit between two processes (tes
 Preemption: SIGTERM (what a preemptible TPU VM gets before it goes) only sets a flag; after the
 step in flight, `maybe_checkpoint` saves that step and raises Preempted, and the CLI exits 143.
 
+LoRA (cfg.lora.rank > 0): the stage trains fresh adapters on the parameters it was given (the
+base, frozen, held once in state.base_params), samples with base + adapters in the forward, and
+returns the merged parameters (`final_params`). Checkpoints hold the adapters and optimizer state,
+not the base: the base is the stage's input, which a rerun rebuilds the same way (the previous
+stage's final parameters, or the initial ones); a fingerprint of it in the checkpoint's extra
+catches a base that changed in between.
+
 Fault injection for tests: OPSD_JAX_INJECT_NAN="<stage>:<update>" writes a NaN into the first
 parameter just before that update (1-based) of that stage, so the real step sees a non-finite loss
 and gradient and the real guard and loop handle it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from opsd_jax import checkpoint, metrics as metrics_lib, parallel
+from opsd_jax import checkpoint, lora, metrics as metrics_lib, parallel
 from opsd_jax.train import optim
 from opsd_jax.train import state as state_lib
 
@@ -84,12 +93,29 @@ def _with_nan(params):
   return jax.tree.unflatten(treedef, leaves)
 
 
+_BASE_FINGERPRINT = "lora_base_fingerprint"
+
+
+def _fingerprint(params) -> float:
+  """Sum of |w| over all parameters: a cheap check that a resumed LoRA stage has its old base."""
+  return float(jax.jit(lambda t: sum(jnp.sum(jnp.abs(x.astype(jnp.float32)))
+                                     for x in jax.tree.leaves(t)))(params))
+
+
 class StageLoop:
-  """Set-up, resume, checkpointing and logging of one stage."""
+  """Set-up, resume, checkpointing and logging of one stage.
+
+  teacher: keep a teacher copy of the trained parameters in the state (OPSD's frozen snapshot or
+  EMA; with LoRA a copy of the adapters: OPSD asks for it only for the EMA teacher)."""
 
   def __init__(self, run, stage: str, params, *, total_steps: int, learning_rate: float,
-               updates_per_step: int = 1, teacher_params=None):
+               updates_per_step: int = 1, teacher: bool = False):
     self.run, self.stage, self.total_steps = run, stage, total_steps
+    lora_section = run.cfg.get("lora")
+    self.model_cfg = (run.model_cfg if lora_section is None
+                      else lora.with_config(run.model_cfg, lora_section))
+    # What the sampler gets: the same run, with the model config that applies the adapters.
+    self.sampling_run = dataclasses.replace(run, model_cfg=self.model_cfg)
     # The schedule counts optimizer updates: RLVR/OPSD make several per rollout batch.
     opt_cfg = run.cfg.optimizer
     if getattr(run.cfg, stage).warmup_steps >= 0:  # the stage's own warmup
@@ -97,8 +123,15 @@ class StageLoop:
       opt_cfg.warmup_steps = getattr(run.cfg, stage).warmup_steps
     self.optimizer = optim.make_optimizer(opt_cfg, total_steps * updates_per_step, learning_rate)
     rng = jax.random.fold_in(jax.random.key(run.cfg.seed), _STAGE_IDS[stage])
-    self.state = state_lib.create(params, self.optimizer, rng, teacher_params,
-                                  model_cfg=run.model_cfg, mesh=run.mesh)
+    if lora.enabled(self.model_cfg):
+      adapters = lora.init_adapters(self.model_cfg, jax.random.fold_in(rng, 1 << 20), run.mesh)
+      self.state = state_lib.create(adapters, self.optimizer, rng,
+                                    adapters if teacher else None, model_cfg=self.model_cfg,
+                                    mesh=run.mesh, base_params=params)
+      self._base_fingerprint = _fingerprint(params)
+    else:
+      self.state = state_lib.create(params, self.optimizer, rng, params if teacher else None,
+                                    model_cfg=run.model_cfg, mesh=run.mesh)
     section = getattr(run.cfg, stage)
     self.checkpoint_every = section.checkpoint_every
     self.ckpt_dir = os.path.abspath(os.path.join(run.stage_dir(stage), "ckpt"))
@@ -115,10 +148,13 @@ class StageLoop:
     if latest is None:
       self.run.logger.truncate_after(self.stage, 0)  # records of a run killed before its 1st save
       return {}
-    shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    base = self.state.base_params  # LoRA: not in the checkpoint (the stage's input)
+    target = self.state.replace(base_params=None)
+    shardings = jax.tree.map(lambda x: x.sharding, target)
     try:
-      self.state, self.extra = self.ckpt.restore(latest, target=self.state,
-                                                 target_shardings=shardings)
+      state, self.extra = self.ckpt.restore(latest, target=target, target_shardings=shardings)
+      self.state = state.replace(base_params=base)
+      self._check_base(latest)
     except checkpoint.CheckpointError as e:
       self.close()
       reason = " ".join(str(e).split())  # orbax/tensorstore details run to pages: keep the head
@@ -132,6 +168,25 @@ class StageLoop:
     if parallel.is_primary():
       print(f"{self.stage}: resumed from step {latest}", flush=True)
     return self.extra
+
+  def _check_base(self, step):
+    saved = self.extra.get(_BASE_FINGERPRINT)
+    if self.state.base_params is None or saved is None:
+      return
+    if not np.isclose(saved, self._base_fingerprint, rtol=1e-5):
+      raise checkpoint.CheckpointError(
+          f"checkpoint {step} trained LoRA adapters on other base parameters than this "
+          f"stage's input (fingerprint {saved} vs {self._base_fingerprint})")
+
+  def model_params(self):
+    """The parameters the model runs with now: with LoRA base + adapters (one tree, no copy)."""
+    return lora.combine(self.state.base_params, self.state.params)
+
+  def final_params(self):
+    """The stage's output: the trained parameters; with LoRA merged into the base (a new tree)."""
+    if self.state.base_params is None:
+      return self.state.params
+    return lora.merge(self.model_cfg, self.state.base_params, self.state.params, self.run.mesh)
 
   def steps(self):
     self.bar = metrics_lib.progress(self.total_steps, self.start_step, self.stage)
@@ -179,7 +234,10 @@ class StageLoop:
     # (orbax saves are collective) and stop together.
     preempted = parallel.any_process(self.sigterm.received)
     if due or step == self.total_steps or preempted:
-      self.ckpt.save(step, self.state, extra_fn())
+      extra = extra_fn()
+      if self.state.base_params is not None:  # LoRA: the base is the stage's input, not saved
+        extra[_BASE_FINGERPRINT] = self._base_fingerprint
+      self.ckpt.save(step, self.state.replace(base_params=None), extra)
     if preempted:
       self.close()
       raise Preempted(f"{self.stage}: SIGTERM received; saved step {step} of {self.total_steps} "

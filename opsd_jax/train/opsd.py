@@ -28,19 +28,22 @@ def train(run, params):
   cfg, o, s = run.cfg, run.cfg.opsd, run.cfg.sampling
   if o.steps == 0:
     return params
-  teacher = params if o.teacher in ("frozen", "ema") else None
+  # A teacher copy for the EMA, and for the frozen snapshot without LoRA (with LoRA the frozen
+  # teacher is the base alone: the stage's input, adapters off, held once).
+  lora_on = run.cfg.get("lora") is not None and run.cfg.lora.rank > 0
+  teacher = o.teacher == "ema" or (o.teacher == "frozen" and not lora_on)
   lp = loop.StageLoop(run, "opsd", params, total_steps=o.steps, learning_rate=o.learning_rate,
-                      updates_per_step=o.mini_batches, teacher_params=teacher)
+                      updates_per_step=o.mini_batches, teacher=teacher)
   prompts_it = data.record_batches(run.train, o.prompts_per_step, seed=cfg.seed + 2)
   extra = lp.resume()
   if extra:
     prompts_it.set_state(extra["data"])
-  step_fn = steps.make_opsd_step(run.model_cfg, o, lp.optimizer, run.mesh, chunk=cfg.loss_chunk)
+  step_fn = steps.make_opsd_step(lp.model_cfg, o, lp.optimizer, run.mesh, chunk=cfg.loss_chunk)
   empty_total = int(extra.get("empty_batches", 0))
   for step in lp.steps():
     problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
     ro = rollouts_lib.sample_and_grade(
-        run, lp.state.params, problems, num_samples=o.rollouts_per_prompt,
+        lp.sampling_run, lp.model_params(), problems, num_samples=o.rollouts_per_prompt,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step), thinking=o.student_thinking)
     tokens = ro.tokens[:, :rollouts_lib.completion_width(ro.lengths, s.max_new_tokens)]
@@ -75,4 +78,4 @@ def train(run, params):
     lp.maybe_checkpoint(step + 1, lambda: {"data": prompts_it.get_state(),
                                            "empty_batches": empty_total})
   lp.close()
-  return lp.state.params
+  return lp.final_params()

@@ -35,16 +35,17 @@ def train(run, params):
   extra = lp.resume()
   if extra:
     prompts_it.set_state(extra["data"])
-  step_fn = steps.make_grpo_step(run.model_cfg, c, lp.optimizer, run.mesh,
+  step_fn = steps.make_grpo_step(lp.model_cfg, c, lp.optimizer, run.mesh,
                                  temperature=max(s.temperature, 1e-6), chunk=cfg.loss_chunk,
                                  max_completion_len=s.max_new_tokens)
-  score = steps.make_score_fn(run.model_cfg, run.mesh, temperature=max(s.temperature, 1e-6),
+  score = steps.make_score_fn(lp.model_cfg, run.mesh, temperature=max(s.temperature, 1e-6),
                               chunk=cfg.loss_chunk)
-  ref_params = params if c.kl_beta > 0 else None  # the stage's starting point, never donated
+  # The stage's starting point, never donated (with LoRA: the base alone, adapters off).
+  ref_params = params if c.kl_beta > 0 else None
   for step in lp.steps():
     problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
     ro = rollouts_lib.sample_and_grade(
-        run, lp.state.params, problems, num_samples=c.group_size, temperature=s.temperature,
+        lp.sampling_run, lp.model_params(), problems, num_samples=c.group_size, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, rng=lp.next_rng(step))
     r_PG = rewards(ro, cfg).reshape(len(problems), c.group_size)
     adv_N = np.asarray(rl.advantages(r_PG, c.advantage_scale)).reshape(-1)
@@ -61,7 +62,7 @@ def train(run, params):
     batch["advantages"] = adv_N.astype(np.float32)
     # Host batches are global on every process (same decisions everywhere); each feeds its rows.
     device_batch = parallel.shard_global_batch(batch, run.mesh)
-    batch["old_logprobs"] = parallel.to_host(score(lp.state.params, device_batch))
+    batch["old_logprobs"] = parallel.to_host(score(lp.model_params(), device_batch))
     if ref_params is not None:
       batch["ref_logprobs"] = parallel.to_host(score(ref_params, device_batch))
     updates = []
@@ -90,4 +91,4 @@ def train(run, params):
     lp.log(step + 1, values)
     lp.maybe_checkpoint(step + 1, lambda: {"data": prompts_it.get_state()})
   lp.close()
-  return lp.state.params
+  return lp.final_params()

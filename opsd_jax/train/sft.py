@@ -35,7 +35,7 @@ def train(run, params):
   extra = lp.resume()
   if extra:
     batches.set_state(extra["data"])
-  step_fn = steps.make_sft_step(run.model_cfg, c, lp.optimizer, run.mesh,
+  step_fn = steps.make_sft_step(lp.model_cfg, c, lp.optimizer, run.mesh,
                                 chunk=run.cfg.loss_chunk)
   for step in lp.steps():
     batch = next(batches)
@@ -43,4 +43,4 @@ def train(run, params):
     lp.log(step + 1, m)
     lp.maybe_checkpoint(step + 1, lambda: {"data": batches.get_state()})
   lp.close()
-  return lp.state.params
+  return lp.final_params()
