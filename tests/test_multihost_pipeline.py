@@ -2,7 +2,7 @@
 of 2, 4 fake CPU devices each, JAX's multi-controller runtime on localhost) runs the toy SFT ->
 RLVR -> OPSD with tiny settings. Each process reads its own rows of every batch, rollouts and
 decisions are global; only process 0 writes results, metrics and plots. The pair is killed once
-RLVR has started and rerun: it resumes, and the finished run equals a single process on 8 devices
+SFT is done and rerun: it resumes, and the finished run equals a single process on 8 devices
 (evaluations equal, final parameters close).
 
 The fast tests check the data side alone: the processes' batches, concatenated in process order,
@@ -21,10 +21,14 @@ import pytest
 import pipeline_helpers as helpers
 from opsd_jax import data
 
-# Tiny, and short enough for CI: mesh data = all 8 devices (batches of 8 / 16 / 8 rows).
+# Tiny, and short enough for CI: mesh data = all 8 devices (batches of 8 / 16 / 8 rows); short
+# completions, since every decode step of the 2-process sampler waits on cross-process (gloo)
+# collectives.
 ARGS = helpers.TINY + [
-    "--config.mesh.data=-1", "--config.sft.steps=4", "--config.rlvr.steps=3",
-    "--config.opsd.steps=2", "--config.eval.num_problems=16", "--config.data.num_test=16",
+    "--config.mesh.data=-1", "--config.sft.steps=4", "--config.rlvr.steps=2",
+    "--config.opsd.steps=2", "--config.opsd.checkpoint_every=2", "--config.eval.num_problems=16",
+    "--config.data.num_test=16", "--config.sampling.max_new_tokens=48",
+    "--config.eval.max_new_tokens=48", "--config.rlvr.overlong_buffer=32",
 ]
 STAGES = ("sft", "rlvr", "opsd")
 TIMEOUT_S = 600
@@ -77,25 +81,26 @@ def logs(log_prefix):
   return [open(f"{log_prefix}.{pid}.log").read() for pid in range(2)]
 
 
-def wait_for_stage_record(workdir, stage, procs, timeout=TIMEOUT_S):
-  """Blocks until metrics.jsonl (process 0's) has a complete record of `stage`."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def wait_for_result(workdir, stage, procs, timeout=TIMEOUT_S):
+  """Blocks until results.json (process 0's, renamed into place whole) holds `stage`'s
+  evaluation: the stage trained, saved its final parameters and was evaluated."""
+  path = os.path.join(workdir, "results.json")
   deadline = time.time() + timeout
   while time.time() < deadline:
     for p in procs:
-      assert p.poll() is None, f"a process ended (exit {p.returncode}) before {stage} began"
+      assert p.poll() is None, f"a process ended (exit {p.returncode}) before {stage} was done"
     if os.path.exists(path):
       with open(path) as f:
-        if any(line.endswith("\n") and json.loads(line)["stage"] == stage for line in f):
+        if stage in json.load(f):
           return
     time.sleep(0.1)
-  raise AssertionError(f"no {stage} record within {timeout} s")
+  raise AssertionError(f"no {stage} result within {timeout} s")
 
 
 @pytest.mark.slow  # a single-process run and 1.5 two-process runs of the tiny pipeline
 def test_two_process_pipeline_resumes_and_equals_one_process(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
-  # Killed once SFT is done (evaluated, final parameters saved) and RLVR has begun...
+  # Killed once SFT is done (final parameters saved, evaluated)...
   first = launch_pair(multi, tmp_path / "first")
   try:
     # ...meanwhile the single-process reference on 8 devices
@@ -104,7 +109,7 @@ def test_two_process_pipeline_resumes_and_equals_one_process(tmp_path):
         env=helpers.env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {EIGEN}",
                         JAX_PLATFORMS="cpu"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for_stage_record(multi, "rlvr", first)
+    wait_for_result(multi, "sft", first)
   finally:
     kill(first)
   # ...then rerun: SFT is skipped, the rest runs to the end on both processes.
