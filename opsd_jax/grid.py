@@ -12,13 +12,17 @@ unfinished grid already holds every arm at its first seeds.
 
 Each branch lives in <workdir>/grid/<name>/ with its own checkpoints and metrics.jsonl, so it
 resumes on its own; a finished branch is recorded in results.json["grid"] and skipped on rerun.
-Writes grid.md (the table) and grid.png (accuracy against response length, error bars = std).
+Writes grid.md (the table) and grid.png (accuracy against response length, error bars = std);
+`python -m opsd_jax.grid WORKDIR` rewrites both from WORKDIR/results.json (e.g. while the grid
+is still running, from the branches finished so far).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
+import sys
 
 import numpy as np
 
@@ -160,3 +164,21 @@ def report(workdir, results):
                         y_err_key="accuracy_std",
                         title="OPSD grid: accuracy vs response length")
   print(text, flush=True)
+
+
+def main(argv):
+  if len(argv) != 1:
+    raise SystemExit("usage: python -m opsd_jax.grid WORKDIR  (rewrites WORKDIR/grid.md and "
+                     "grid.png from WORKDIR/results.json)")
+  path = os.path.join(argv[0], "results.json")
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: no results at {path!r}")
+  with open(path) as f:
+    results = json.load(f)
+  if not results.get("grid"):
+    raise SystemExit(f"error: {path!r} holds no finished grid branch yet")
+  report(argv[0], results)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
