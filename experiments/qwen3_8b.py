@@ -7,7 +7,8 @@ project's compaction default instead uses rkl on correct rollouts only (`--confi
 The checkpoint and data are local files (nothing is downloaded):
   --config.init_from=/path/to/Qwen3-8B  --config.tokenizer.path=/path/to/Qwen3-8B
   --config.data.train_path=/path/to/openthoughts_math.jsonl --config.data.test_path=.../math500.jsonl
-`--dry_run` checks the rest and prints the plan with a per-device memory estimate.
+`--dry_run` checks the rest and prints the plan with per-device memory; `--config.plan.tpu=v5p-8`
+(or v5e-16, v6e-8, ...) plans it for that slice, fsdp over all its chips.
 """
 from opsd_jax import config as config_lib
 
@@ -29,8 +30,11 @@ def base(arch, name, clip):
                      test_path="/path/to/test.jsonl", format="auto", num_test=500))
   c.sampling.update(dict(temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=1024,
                          prompt_buckets=(256, 512, 1024), continuous_batching=True))
-  c.optimizer.update(dict(learning_rate=5e-6, grad_clip=0.1, warmup_steps=0, b2=0.999))
-  c.rlvr.update(dict(steps=200, prompts_per_step=32, group_size=8, mini_batches=8,
+  # bf16 params with float32 Adam moments and a float32 master copy: at lr 5e-6 a bf16-only
+  # update (half an ulp of a ~0.02 weight is ~6e-5) would round most steps away.
+  c.optimizer.update(dict(learning_rate=5e-6, grad_clip=0.1, warmup_steps=0, b2=0.999,
+                          state_dtype="float32", master_weights=True))
+  c.rlvr.update(dict(steps=200, prompts_per_step=32, group_size=8, mini_batches=16,
                      eps_high=0.28, aggregation="token_mean", learning_rate=1e-6))
   c.opsd.update(dict(steps=100, prompts_per_step=32, rollouts_per_prompt=1, mini_batches=4,
                      teacher="frozen", teacher_context="full", divergence="fkl", clip=clip,
@@ -38,7 +42,10 @@ def base(arch, name, clip):
                      student_thinking=False, teacher_thinking=True, checkpoint_every=10))
   c.eval.update(dict(num_problems=500, samples_per_problem=8, temperature=0.6, top_p=0.95,
                      top_k=20, max_new_tokens=32_768, batch_size=256))
-  c.loss_chunk = 512
+  # Memory (`--dry_run --config.plan.tpu=v5p-8` or v5e-16 prints the plan): remat full, 16 / 8
+  # rollouts per RLVR / OPSD update (mini_batches 16 / 4; a 16-chip slice then holds one row per
+  # chip), loss chunks of 256 tokens.
+  c.loss_chunk = 256
   return c
 
 

@@ -3,6 +3,7 @@ real sharded arrays; bf16 parameters with a float32 optimizer state against a fl
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,10 +91,10 @@ def _small_cfg(remat):
   return cfg
 
 
-def _compiled_bytes(cfg, model_cfg, stage):
-  """XLA's own accounting of the compiled step on one CPU device: arguments + outputs - donated
+def _compiled_bytes(cfg, model_cfg, stage, mesh_shape):
+  """XLA's own accounting of the compiled step, per device: arguments + outputs - donated
   (aliased) + temporaries = the step's peak live bytes as its buffer assignment plans them."""
-  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = parallel.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
   opt = optim.make_optimizer(cfg.optimizer, 10)
   params = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))
   teacher = params if stage == "opsd" and cfg.opsd.teacher != "current" else None
@@ -114,14 +115,17 @@ def _compiled_bytes(cfg, model_cfg, stage):
           + ma.temp_size_in_bytes)
 
 
-@pytest.mark.parametrize("stage, remat", [("sft", "full"), ("sft", "dots"), ("opsd", "none")])
-def test_plan_matches_compiled_step_memory(stage, remat):
-  """The planner's train-step total is within 20 % of what XLA allocates for the real step, and
-  the remat policies order as they should (none > dots > full activations)."""
+@pytest.mark.parametrize("stage, remat, mesh_shape", [
+    ("sft", "full", (1, 1, 1)), ("sft", "dots", (1, 1, 1)), ("opsd", "none", (1, 1, 1)),
+    ("sft", "full", (1, 8, 1)), ("opsd", "dots", (1, 2, 2))])
+def test_plan_matches_compiled_step_memory(stage, remat, mesh_shape):
+  """The planner's train-step total per device is within 20 % of what XLA allocates for the real
+  step, on one device and on fsdp / tensor meshes of the 8 CPU devices."""
   cfg = _small_cfg(remat)
+  cfg.sft.batch_size = 16  # 8 rows per micro-batch: one per device at fsdp = 8
   model_cfg = config.to_model_config(cfg.model)
-  planned = memory.plan_stage(cfg, model_cfg, stage, (1, 1, 1)).train_peak
-  measured = _compiled_bytes(cfg, model_cfg, stage)
+  planned = memory.plan_stage(cfg, model_cfg, stage, mesh_shape).train_peak
+  measured = _compiled_bytes(cfg, model_cfg, stage, mesh_shape)
   assert planned == pytest.approx(measured, rel=0.2), (planned, measured)
 
 

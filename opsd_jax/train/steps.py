@@ -36,6 +36,12 @@ def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
   """`step(state, batch)` around step_fn(state, base, batch), base = the LoRA base or None."""
   shardings = state_lib.state_shardings(model_cfg, optimizer, mesh, teacher)
   out_shardings = (shardings, parallel.replicated(mesh))
+  inner = step_fn
+
+  def step_fn(*args):  # the model reads the mesh to keep activations batch-split (model.py)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return inner(*args)
+
   if not lora.enabled(model_cfg):
     return jax.jit(lambda state, batch: step_fn(state, None, batch),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=out_shardings,
