@@ -148,7 +148,11 @@ class Attention(nn.Module):
                         preferred_element_type=jnp.float32) / math.sqrt(H)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum(f"BKGTS,{kv_spec}->BTKGH", probs, v.astype(dt)).reshape(B, T, N, H)
+    # The dot's own output order (batch B K, then G T, then H), transposed after: asking einsum
+    # for BTKGH directly lets XLA pick an [.., H, G] layout that costs o_proj a transposed copy
+    # of its weights per decode step. With T = 1 the transpose is free.
+    out = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v.astype(dt))
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     y = _Kernel(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"), name="o_proj")(
         out, "BTNH,NHD->BTD")
     return y, new_cache

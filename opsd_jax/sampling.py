@@ -53,6 +53,7 @@ _TOURNAMENT_MAX_K = 64   # above this, top-k by bisection (the tournament is k s
 _BLOCK = 128             # vocabulary block for the two-level inverse CDF and the tournament
 _MAX_PHASES = 8          # static batching: the cache grows in at most this many steps ...
 _MIN_PHASE = 32          # ... of a multiple of this many slots
+_REFILL_FRACTION = 4     # continuous batching refills at most 1/4 of the slots per step
 
 
 @dataclasses.dataclass
@@ -289,33 +290,32 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
       last_only=True)
   prompt_logits = prompt_logits[:, 0]
 
-  def refill(state: _LoopState) -> _LoopState:
-    """Free slots take the next pending rows: the prompt's cache, mask and first logits."""
-    free = state.slot_done
-    rank = jnp.cumsum(free) - 1
-    row = state.next_row + rank
-    take = free & (row < N)
-    row = jnp.where(take, row, N)
-    u = prompt_of_row_N[jnp.minimum(row, N - 1)]
-    slot_idx = jnp.where(take, jnp.arange(B), B)  # B = out of range: the scatter drops it
-    cache = {name: tuple(buf.at[slot_idx, :, :Pw].set(prompt_buf[u], mode="drop")
+  def refill(state: _LoopState, width: int) -> _LoopState:
+    """Up to `width` free slots take the next pending rows: the prompt's cache, mask and first
+    logits. The copy costs width x prompt, not slots x prompt: a decode step refills a few slots
+    (rows end a few at a time); any left free wait a step."""
+    slot_W = jnp.nonzero(state.slot_done, size=width, fill_value=B)[0]
+    row_W = state.next_row + jnp.arange(width)
+    take_W = (slot_W < B) & (row_W < N)  # a prefix: free slots and pending rows both come first
+    slot_W = jnp.where(take_W, slot_W, B)  # B = out of range: every scatter below drops it
+    u_W = prompt_of_row_N[jnp.minimum(row_W, N - 1)]
+    put = lambda x, value: x.at[slot_W].set(value, mode="drop")  # noqa: E731
+    cache = {name: tuple(buf.at[slot_W, :, :Pw].set(prompt_buf[u_W], mode="drop")
                          for buf, prompt_buf in zip(bufs, prompt_cache[name]))
              for name, bufs in state.cache.items()}
     S = state.kv_mask.shape[1]
-    kv_rows = jnp.concatenate([mask_UP[u], jnp.ones((B, S - Pw), bool)], -1)
+    kv_rows = jnp.concatenate([mask_UP[u_W], jnp.ones((width, S - Pw), bool)], -1)
     return state.replace(
-        next_row=state.next_row + take.sum(),
-        slot_row=jnp.where(take, row, state.slot_row),
-        slot_t=jnp.where(take, 0, state.slot_t),
-        slot_done=jnp.where(take, False, state.slot_done),
-        slot_plen=jnp.where(take, plen_U[u], state.slot_plen),
-        logits=jnp.where(take[:, None], prompt_logits[u], state.logits),
-        cache=constrain_cache(cache),
-        kv_mask=jnp.where(take[:, None], kv_rows, state.kv_mask))
+        next_row=state.next_row + take_W.sum(),
+        slot_row=put(state.slot_row, row_W), slot_t=put(state.slot_t, 0),
+        slot_done=put(state.slot_done, False), slot_plen=put(state.slot_plen, plen_U[u_W]),
+        logits=put(state.logits, prompt_logits[u_W]), cache=constrain_cache(cache),
+        kv_mask=put(state.kv_mask, kv_rows))
 
   def body(state: _LoopState) -> _LoopState:
-    state = jax.lax.cond(jnp.any(state.slot_done) & (state.next_row < N), refill,
-                         lambda s: s, state)
+    if B < N:  # continuous batching; a static batch is filled once, before the loop
+      state = jax.lax.cond(jnp.any(state.slot_done) & (state.next_row < N),
+                           functools.partial(refill, width=refill_width), lambda s: s, state)
     u_B = uniform_NT[jnp.minimum(state.slot_row, N - 1), jnp.minimum(state.slot_t, T_new - 1)]
     token, logprob, learner = sample_logits(state.logits, u_B, temperature, top_k, top_p)
     active = ~state.slot_done
@@ -349,6 +349,7 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
   # One uniform per (row, token), drawn before the loop: no RNG work in the decode step, and a
   # row's samples depend on the key alone, not on the slot or step it ran in.
   uniform_NT = jax.random.uniform(rng, (N, T_new))
+  refill_width = max(1, -(-B // _REFILL_FRACTION))
   ends = _phase_ends(T_new, grow_cache)
   V = prompt_logits.shape[-1]
   state = _LoopState(
@@ -361,6 +362,7 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
       out_logprobs=jnp.zeros((N, T_new), jnp.float32),
       out_learner=jnp.zeros((N, T_new), jnp.float32),
       out_lengths=jnp.zeros((N,), jnp.int32), out_finished=jnp.zeros((N,), bool))
+  state = refill(state, width=B)
   for phase, end in enumerate(ends):
     if phase:  # a longer cache: the new slots are empty and, being after every query, unread
       grow = end - ends[phase - 1]
