@@ -290,12 +290,13 @@ def plan(cfg, workdir) -> str:
   lines.extend(memory.format_plan(plans, mesh_shape, tpu))
   g = cfg.grid
   if g.rollout_filters:
-    n = len(g.rollout_filters) * len(g.divergences) * len(g.seeds)
+    from opsd_jax import grid
+    n = len(grid.branches(g))  # split_direction runs once per seed
     lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
-                 f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)} x "
-                 f"seeds {list(g.seeds)}); each branch plans as stage opsd above"
-                 if "opsd" in cfg.stages else
-                 f"seeds {list(g.seeds)}); memory per device "
-                 f"~{memory.plan_stage(cfg, model_cfg, 'opsd', mesh_shape).total / memory.GiB:.3f}"
-                 " GiB")
+                 f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)}, "
+                 f"thinking-off arms {list(g.thinking_off_arms)}, x seeds {list(g.seeds)}); "
+                 + ("each branch plans as stage opsd above" if "opsd" in cfg.stages else
+                    "memory per device ~"
+                    f"{memory.plan_stage(cfg, model_cfg, 'opsd', mesh_shape).total / memory.GiB:.3f}"
+                    " GiB"))
   return "\n".join(lines)
