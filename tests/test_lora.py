@@ -356,3 +356,34 @@ def test_stage_loop_checkpoints_adapters_and_resumes_on_the_same_base(base, tmp_
   other = jax.tree.map(lambda x: x * 1.5, base)
   with pytest.raises(checkpoint.CheckpointError, match="other base"):
     loop.StageLoop(run, "sft", other, total_steps=1, learning_rate=1e-2).resume()
+
+
+@pytest.mark.slow
+def test_toy_pipeline_with_lora_runs_every_stage(tmp_path):
+  """`--config.lora.rank=8` end to end through the CLI (tiny settings): every stage trains its
+  adapters and hands on merged, plain parameters."""
+  from pipeline_helpers import TINY_MODEL, TOY, assert_ok, final_params, records, run
+
+  proc, _ = run(TOY, tmp_path, *TINY_MODEL, "--config.lora.rank=8", "--config.lora.alpha=16",
+                "--config.data.num_train=200", "--config.data.num_test=8",
+                "--config.eval.num_problems=8", "--config.eval.max_new_tokens=32",
+                "--config.sampling.max_new_tokens=32", "--config.sft.batch_size=8",
+                "--config.sft.steps=2", "--config.rlvr.steps=1", "--config.rlvr.prompts_per_step=4",
+                "--config.rlvr.group_size=4", "--config.rlvr.overlong_penalty=1.0",
+                "--config.rlvr.overlong_buffer=24", "--config.rlvr.kl_beta=0.01",
+                "--config.opsd.steps=2", "--config.opsd.prompts_per_step=4",
+                "--config.opsd.rollout_filter=all", "--config.optimizer.warmup_steps=0",
+                "--config.rlvr.warmup_steps=0", "--config.opsd.warmup_steps=0")
+  assert_ok(proc)
+  recs = records(tmp_path)
+  for stage, n in (("sft", 2), ("rlvr", 1), ("opsd", 2)):
+    assert [r["step"] for r in recs if r["stage"] == stage] == list(range(1, n + 1)), stage
+  finals = {s: final_params(tmp_path, s) for s in ("sft", "rlvr", "opsd")}
+  assert not any("lora" in k for f in finals.values() for k in f)
+  assert set(finals["sft"]) == set(finals["opsd"])
+  for before, after in (("sft", "rlvr"), ("rlvr", "opsd")):
+    assert any(not np.array_equal(finals[before][k], finals[after][k]) for k in finals[before])
+  # Adapters only touch their projections: norms and the embedding come through unchanged.
+  for key in finals["sft"]:
+    if "norm" in key or "embed" in key:
+      np.testing.assert_array_equal(finals["sft"][key], finals["opsd"][key])
