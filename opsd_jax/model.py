@@ -143,9 +143,10 @@ class Attention(nn.Module):
 
     B, T, N, H = q.shape
     K = cfg.n_kv_heads
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q.astype(dt), k.astype(dt),
-                        preferred_element_type=jnp.float32) / math.sqrt(H)
+    # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
+    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(B, T, K, N // K, H)
+    scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q, k.astype(dt),
+                        preferred_element_type=jnp.float32)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     # The dot's own output order (batch B K, then G T, then H), transposed after: asking einsum
