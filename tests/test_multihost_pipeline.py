@@ -134,6 +134,7 @@ def test_two_process_pipeline_resumes_and_equals_one_process(tmp_path):
                "config.json"):
     assert (multi / name).is_file(), name
   assert not [f for f in os.listdir(multi) if ".tmp" in f]
+  assert len(os.listdir(multi / "tb")) == 2  # one TensorBoard event file per launch: process 0's
   records = helpers.records(multi)
   for stage in STAGES:  # one record per step: nobody wrote twice, the resume dropped nothing
     steps = [r["step"] for r in records if r["stage"] == stage]
