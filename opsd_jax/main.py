@@ -8,6 +8,9 @@ directory), is evaluated on held-out problems before and after, and checkpoints 
 rerunning the same command resumes where it stopped. At the end the workdir holds results.md (a
 table per stage), results.json, metrics.jsonl, TensorBoard events and plots.
 
+Multi-host: run the same command on every host. On a TPU VM slice JAX finds its peers itself;
+elsewhere set $OPSD_COORDINATOR (host:port of process 0), $OPSD_NUM_PROCESSES, $OPSD_PROCESS_ID.
+
 Exit status: 0 done; 2 bad config or input (files, data, tokenizer, checkpoints); 1 a non-finite
 loss or gradient with on_nonfinite='stop' (the last good checkpoint is kept); 143 SIGTERM
 (preemption: the current step was checkpointed; rerun the same command to resume). Each failure

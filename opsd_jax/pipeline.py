@@ -8,6 +8,13 @@ written here is renamed into place when complete (metrics.write_text_atomic).
 What stops a run, and how main.py reports it (one line each): INPUT_ERRORS (bad files, data,
 tokenizer, checkpoints: exit 2), NonFiniteError (exit 1, the last good checkpoint kept),
 Preempted (SIGTERM: the current step saved, exit 143; rerunning resumes).
+
+Multi-host (one process per host, see parallel.initialize_distributed): every process runs this
+same code. Each reads its own rows of every batch; the stage loops gather the batch's records,
+sample and grade them globally and hold the same host arrays, so all take the same decisions;
+process 0's results.json decides what is already done; only process 0 writes files and prints;
+orbax checkpoints are saved and restored by all. The workdir must be one directory all hosts see
+(a shared or gcsfuse-mounted one).
 """
 from __future__ import annotations
 
