@@ -131,16 +131,19 @@ def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256)
     def accumulate(carry, mb):
       grads, loss_sum, ent_sum = carry
       (l, e), g = grad_fn(state.params, mb)
-      return (jax.tree.map(jnp.add, grads, g), loss_sum + l, ent_sum + e), None
+      return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), loss_sum + l,
+              ent_sum + e), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    # Sums in float32 whatever the param dtype (bf16 sums of M micro-batches lose the small
+    # ones); the mean goes to the optimizer in the param dtype, as a one-batch gradient would.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     if M == 1:
       (grads, loss_sum, ent_sum), _ = accumulate((zeros, 0.0, 0.0), batch)
     else:
       (grads, loss_sum, ent_sum), _ = jax.lax.scan(
           accumulate, (zeros, jnp.float32(0), jnp.float32(0)), jax.tree.map(micro, batch))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     metrics = {"entropy": ent_sum / denom, "trained_tokens": count}
     new_state, metrics = _apply_update(state, grads, loss_sum / denom, optimizer, metrics)
     return new_state, metrics
