@@ -107,6 +107,26 @@ def state_bytes(model_cfg, optimizer, mesh, teacher: bool = False) -> dict[str, 
           "teacher": params if teacher else 0}
 
 
+def lora_state_bytes(model_cfg, optimizer, mesh, teacher: str | None = None) -> dict[str, int]:
+  """With LoRA: params = the frozen base + the adapters, optimizer state over the adapters only,
+  and the OPSD teacher = the base with adapters off (nothing extra), or an EMA of the adapters."""
+  from opsd_jax import lora
+  base_cfg = lora.base_config(model_cfg)
+  base = jax.eval_shape(functools.partial(model.init, base_cfg), jax.random.key(0))
+  adapters = nn.unbox(lora.abstract_adapters(model_cfg))
+  adapter_sh = lora.adapter_shardings(model_cfg, mesh)
+  opt_sh = state_lib_shardings(adapters, optimizer, mesh, adapter_sh)
+  adapter_bytes = sharded_bytes(adapters, adapter_sh)
+  return {"params": sharded_bytes(base, parallel.param_shardings(base_cfg, mesh)) + adapter_bytes,
+          "optimizer": sharded_bytes(jax.eval_shape(optimizer.init, adapters), opt_sh),
+          "teacher": adapter_bytes if teacher == "ema" else 0, "trained": adapter_bytes}
+
+
+def state_lib_shardings(abstract, optimizer, mesh, param_sh):
+  from opsd_jax.train import state as state_lib  # local: train imports memory's users
+  return state_lib.shardings_like(abstract, optimizer, mesh, False, param_sh).opt_state
+
+
 def saved_residuals(loss_fn, *args):
   """[(ShapeDtypeStruct, description)] of what reverse-mode AD of loss_fn (w.r.t. its first
   argument) keeps for the backward pass, arguments themselves excluded. Traced abstractly."""
@@ -281,7 +301,16 @@ def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StageP
     optimizer = optim.make_optimizer(cfg.optimizer, max(1, steps))
   teacher = stage == "opsd" and cfg.opsd.teacher != "current"
   parts = dict.fromkeys(COLUMNS, 0)
-  parts.update(state_bytes(model_cfg, optimizer, mesh, teacher))
+  use_lora = cfg.lora.rank > 0 and stage != "eval"  # evaluation runs merged params
+  if use_lora:
+    from opsd_jax import lora  # adapters train; the update and its gradient are adapter-sized
+    model_cfg = lora.with_config(model_cfg, cfg.lora)
+    state = lora_state_bytes(model_cfg, optimizer, mesh, cfg.opsd.teacher if teacher else None)
+    trained = state.pop("trained")
+  else:
+    state = state_bytes(model_cfg, optimizer, mesh, teacher)
+    trained = state["params"]
+  parts.update(state)
   if stage == "eval":
     parts["optimizer"] = 0  # evaluation holds the parameters only
   resident = parts["params"] + parts["optimizer"] + parts["teacher"]
@@ -325,10 +354,11 @@ def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StageP
   _, layer = _residual_bytes(saved_residuals(loss_nr, abstract, *extra_nr, batch_nr), no_remat,
                              mesh_shape, fractions)
   parts["activations"] = saved + layer + _gathered_bytes(model_cfg, mesh_shape)
-  grads = parts["params"] * (2 if micro > 1 else 1)
-  update_bytes = (4 if cfg.optimizer.state_dtype == "float32" else
+  grads = trained * (2 if micro > 1 else 1)
+  update_bytes = (4 if cfg.optimizer.state_dtype == "float32" or use_lora else
                   jnp.dtype(model_cfg.param_dtype).itemsize)
-  parts["grads"] = grads + parts["params"] // jnp.dtype(model_cfg.param_dtype).itemsize * update_bytes
+  itemsize = 4 if use_lora else jnp.dtype(model_cfg.param_dtype).itemsize  # adapters: float32
+  parts["grads"] = grads + trained // itemsize * update_bytes
   vocab_local = -(-model_cfg.vocab_size // tensor)
   chunk = min(int(cfg.loss_chunk), loss_tokens)
   parts["loss_chunk"] = LOSS_CHUNK_BUFFERS[stage] * local_rows * chunk * vocab_local * 4

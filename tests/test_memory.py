@@ -274,3 +274,33 @@ def test_train_step_with_bf16_params_and_master_weights():
   for q, m in zip(jax.tree.leaves(st.params), jax.tree.leaves(st.opt_state.master)):
     assert q.dtype == jnp.bfloat16 and m.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(q), np.asarray(m.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("teacher", ["frozen", "ema"])
+def test_lora_state_bytes_equal_real_sharded_arrays(teacher):
+  """With LoRA the plan counts base + adapters as params, optimizer state over the adapters only,
+  and an OPSD teacher of nothing (frozen: the base alone) or the adapters' EMA: equal to what
+  device 0 holds of a real LoRA train state on a (1, 4, 2) mesh."""
+  from opsd_jax import lora
+  opt = _adamw("float32", master_weights=False)
+  cfg = SMALL.replace(lora_rank=4, lora_alpha=8.0,
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"))
+  mesh_shape = (1, 4, 2)
+  mesh = parallel.make_mesh(*mesh_shape)
+  base = parallel.init_params(lora.base_config(cfg), jax.random.key(0), mesh)
+  adapters = lora.init_adapters(cfg, jax.random.key(1), mesh)
+  st = state_lib.create(adapters, opt, jax.random.key(1), model_cfg=cfg, mesh=mesh,
+                        teacher_params=adapters if teacher == "ema" else None, base_params=base)
+  dev = jax.devices()[0]
+
+  def held(tree):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+               if s.device == dev)
+
+  planned = memory.lora_state_bytes(cfg, opt, memory.abstract_mesh(mesh_shape), teacher)
+  assert planned == {"params": held(st.base_params) + held(st.params),
+                     "optimizer": held(st.opt_state),
+                     "teacher": held(st.teacher_params) if teacher == "ema" else 0,
+                     "trained": held(st.params)}
+  full = memory.state_bytes(lora.base_config(cfg), opt, memory.abstract_mesh(mesh_shape))
+  assert planned["optimizer"] < full["optimizer"] / 2  # rank 4 of d_model 32
