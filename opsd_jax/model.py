@@ -124,17 +124,20 @@ class Attention(nn.Module):
     k = apply_rope(k, positions_BT, inv_freq)
 
     if cache is not None:
-      # cache = (k [L, B, K, S, H], v, layer): scatter only the T new rows into the stacked
-      # buffers (no per-layer slice is copied out and back), then read this layer's slice, whose
-      # [B, K, S, H] layout the attention dots take without a transpose of the cache.
+      # cache = (k [L, B, K, S, H], v, layer): write only the T new slots of each row into the
+      # stacked buffers (no per-layer slice is copied out and back), then read this layer's
+      # slice, whose [B, K, S, H] layout the attention dots take without a transpose.
       k_all, v_all, layer = cache
-      rows_B1 = jnp.arange(k.shape[0])[:, None]
-      slots_BT = cache_pos_B[:, None] + jnp.arange(k.shape[1])[None, :]
-      kT = k.astype(k_all.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
-      vT = v.astype(v_all.dtype).transpose(0, 2, 1, 3)
-      heads = jnp.arange(k.shape[2])[None, :, None]
-      k_all = k_all.at[layer, rows_B1[:, :, None], heads, slots_BT[:, None, :]].set(kT)
-      v_all = v_all.at[layer, rows_B1[:, :, None], heads, slots_BT[:, None, :]].set(vT)
+
+      def write(buf_LKSH, new_KTH, pos):  # one row's slots [pos, pos + T) of this layer
+        return jax.lax.dynamic_update_slice(buf_LKSH, new_KTH[None].astype(buf_LKSH.dtype),
+                                            (layer, 0, pos, 0))
+
+      # vmapped over rows: a scatter with a batch dimension, which the partitioner keeps local
+      # when rows are sharded (explicit row indices made it all-gather every update per step).
+      write_rows = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)
+      k_all = write_rows(k_all, k.transpose(0, 2, 1, 3), cache_pos_B)
+      v_all = write_rows(v_all, v.transpose(0, 2, 1, 3), cache_pos_B)
       k, v, new_cache = k_all[layer], v_all[layer], (k_all, v_all)
       kv_spec = "BKSH"
     else:

@@ -247,11 +247,16 @@ class _LoopState:
   logits: jax.Array        # [B, V] next-token logits
   cache: dict              # k, v: L buffers [B, K, S, H] each (S grows by phase, see _phase_ends)
   kv_mask: jax.Array       # [B, S]
-  out_tokens: jax.Array    # [N, T_new]
-  out_logprobs: jax.Array
-  out_learner: jax.Array
-  out_lengths: jax.Array   # [N]
-  out_finished: jax.Array  # [N]
+  slot_out: tuple          # tokens, logprobs, learner [B, T_new + 1] of each slot's current row
+  slot_finished: jax.Array  # [B] the slot's row stopped on EOS
+  out: tuple               # tokens, logprobs, learner [N, T_new], lengths [N], finished [N]
+
+
+def _write_columns(buf_BT, value_B, column_B):
+  """buf[b, column[b]] = value[b]: vmapped dynamic_update_slice, a scatter with a batch dim that
+  stays local to each device's rows on a data-sharded mesh."""
+  return jax.vmap(lambda row, v, c: jax.lax.dynamic_update_slice(row, v[None], (c,)))(
+      buf_BT, value_B.astype(buf_BT.dtype), column_B)
 
 
 def _phase_ends(max_new_tokens: int, grow_cache: bool) -> list[int]:
@@ -299,6 +304,8 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     take_W = (slot_W < B) & (row_W < N)  # a prefix: free slots and pending rows both come first
     slot_W = jnp.where(take_W, slot_W, B)  # B = out of range: every scatter below drops it
     u_W = prompt_of_row_N[jnp.minimum(row_W, N - 1)]
+    if B < N:  # continuous: the rows these slots held so far go to the outputs first
+      state = flush(state, slot_W)
     put = lambda x, value: x.at[slot_W].set(value, mode="drop")  # noqa: E731
     cache = {name: tuple(buf.at[slot_W, :, :Pw].set(prompt_buf[u_W], mode="drop")
                          for buf, prompt_buf in zip(bufs, prompt_cache[name]))
@@ -310,7 +317,20 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
         slot_row=put(state.slot_row, row_W), slot_t=put(state.slot_t, 0),
         slot_done=put(state.slot_done, False), slot_plen=put(state.slot_plen, plen_U[u_W]),
         logits=put(state.logits, prompt_logits[u_W]), cache=constrain_cache(cache),
-        kv_mask=put(state.kv_mask, kv_rows))
+        kv_mask=put(state.kv_mask, kv_rows),
+        slot_out=tuple(put(buf, 0) for buf in state.slot_out),
+        slot_finished=put(state.slot_finished, False))
+
+  def flush(state: _LoopState, slot_W) -> _LoopState:
+    """Copies the rows that slots slot_W hold (B = no slot) into the outputs (continuous
+    batching: a slot's row is copied once, when the slot is refilled or the loop ends)."""
+    s_W = jnp.minimum(slot_W, B - 1)
+    row_W = jnp.where(slot_W < B, state.slot_row[s_W], N)  # N (no row): dropped
+    put = lambda out, value: out.at[row_W].set(value, mode="drop")  # noqa: E731
+    tokens, logprobs, learner, lengths, finished = state.out
+    new = [put(o, buf[s_W, :T_new]) for o, buf in zip((tokens, logprobs, learner), state.slot_out)]
+    return state.replace(out=(*new, put(lengths, state.slot_t[s_W]),
+                              put(finished, state.slot_finished[s_W])))
 
   def body(state: _LoopState) -> _LoopState:
     if B < N:  # continuous batching; a static batch is filled once, before the loop
@@ -319,9 +339,8 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     u_B = uniform_NT[jnp.minimum(state.slot_row, N - 1), jnp.minimum(state.slot_t, T_new - 1)]
     token, logprob, learner = sample_logits(state.logits, u_B, temperature, top_k, top_p)
     active = ~state.slot_done
-    out_row = jnp.where(active, state.slot_row, N)  # N = dropped
     t = state.slot_t
-    write = lambda buf, val: buf.at[out_row, t].set(val, mode="drop")
+    column = jnp.where(active, t, T_new)  # done slots write their spare last column
     hit_eos = jnp.zeros_like(active)
     for eos in eos_ids:
       hit_eos = hit_eos | (token == eos)
@@ -337,11 +356,9 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     return state.replace(
         step=state.step + 1, slot_t=new_t, slot_done=done,
         logits=constrain_batch(logits[:, 0]), cache=constrain_cache(cache),
-        out_tokens=write(state.out_tokens, token),
-        out_logprobs=write(state.out_logprobs, logprob),
-        out_learner=write(state.out_learner, learner),
-        out_lengths=state.out_lengths.at[out_row].set(new_t, mode="drop"),
-        out_finished=state.out_finished.at[out_row].set(finished, mode="drop"))
+        slot_out=tuple(_write_columns(buf, value, column)
+                       for buf, value in zip(state.slot_out, (token, logprob, learner))),
+        slot_finished=state.slot_finished | finished)
 
   def not_done(state: _LoopState):
     return ~(jnp.all(state.slot_done) & (state.next_row >= N))
@@ -358,10 +375,14 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
       slot_plen=jnp.zeros((B,), jnp.int32), logits=jnp.zeros((B, V), jnp.float32),
       cache=constrain_cache(model.init_cache(cfg, B, Pw + ends[0], per_layer=True)),
       kv_mask=jnp.zeros((B, Pw + ends[0]), bool),
-      out_tokens=jnp.zeros((N, T_new), jnp.int32),
-      out_logprobs=jnp.zeros((N, T_new), jnp.float32),
-      out_learner=jnp.zeros((N, T_new), jnp.float32),
-      out_lengths=jnp.zeros((N,), jnp.int32), out_finished=jnp.zeros((N,), bool))
+      slot_out=(jnp.zeros((B, T_new + 1), jnp.int32), jnp.zeros((B, T_new + 1), jnp.float32),
+                jnp.zeros((B, T_new + 1), jnp.float32)),
+      slot_finished=jnp.zeros((B,), bool),
+      # static batching needs no row outputs: slot b holds row b throughout
+      out=() if B >= N else (jnp.zeros((N, T_new), jnp.int32),
+                             jnp.zeros((N, T_new), jnp.float32),
+                             jnp.zeros((N, T_new), jnp.float32), jnp.zeros((N,), jnp.int32),
+                             jnp.zeros((N,), bool)))
   state = refill(state, width=B)
   for phase, end in enumerate(ends):
     if phase:  # a longer cache: the new slots are empty and, being after every query, unread
@@ -374,8 +395,10 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     last = phase == len(ends) - 1
     state = jax.lax.while_loop(lambda s, end=end, last=last: not_done(s) & (last | (s.step < end)),
                                body, state)
-  return (state.out_tokens, state.out_logprobs, state.out_learner, state.out_lengths,
-          state.out_finished)
+  if B >= N:  # static: slot b is row b (slots past N, padding for the mesh, never ran)
+    return (*(buf[:N, :T_new] for buf in state.slot_out), state.slot_t[:N],
+            state.slot_finished[:N])
+  return flush(state, jnp.arange(B)).out
 
 
 # --------------------------------------------------------------------------------------------
