@@ -155,11 +155,20 @@ class Attention(nn.Module):
     # The dot's own output order (batch B K, then G T, then H), transposed after: asking einsum
     # for BTKGH directly lets XLA pick an [.., H, G] layout that costs o_proj a transposed copy
     # of its weights per decode step. With T = 1 the transpose is free.
-    out = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v.astype(dt))
-    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-    y = _Kernel(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"), name="o_proj")(
-        out, "BTNH,NHD->BTD")
-    return y, new_cache
+    out_BKGTH = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v.astype(dt))
+    out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
+                           name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
+    if T == 1:
+      # One-token decode: o_proj as a 2-D matmul over flattened heads, [B, N H] x [N H, D] (the
+      # kernel reshape is a bitcast). Contracting (N, H) as two dims let XLA permute the
+      # loop-invariant kernel to the activation's layout at every step (1 MB per layer here);
+      # for training the einsum measured faster.
+      y = jnp.dot(out_BTNH.reshape(B, N * H),
+                  kernel.astype(dt).reshape(N * H, cfg.d_model))[:, None]
+    else:
+      y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
+    return _plus(y, lora), new_cache
 
 
 class _Kernel(nn.Module):
