@@ -94,17 +94,22 @@ def sharded_bytes(abstract_tree, sharding_tree) -> int:
   return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(leaves, shardings))
 
 
+def _trained_bytes(abstract, optimizer, mesh, param_sh) -> tuple[int, int]:
+  """(bytes of the trained tree, bytes of its optimizer state) per device, the optimizer state
+  sharded as the train state shards it (moments like their parameters)."""
+  from opsd_jax.train import state as state_lib  # local: train imports memory's users
+  opt_sh = state_lib.shardings_like(abstract, optimizer, mesh, False, param_sh).opt_state
+  return (sharded_bytes(abstract, param_sh),
+          sharded_bytes(jax.eval_shape(optimizer.init, abstract), opt_sh))
+
+
 def state_bytes(model_cfg, optimizer, mesh, teacher: bool = False) -> dict[str, int]:
   """params / optimizer / teacher bytes per device, from eval_shape of the real init functions
   and the train state's real shardings."""
-  from opsd_jax.train import state as state_lib  # local: train imports memory's users
   abstract = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))
-  param_sh = parallel.param_shardings(model_cfg, mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract)
-  sh = state_lib.shardings_like(abstract, optimizer, mesh, teacher, param_sh)
-  params = sharded_bytes(abstract, param_sh)
-  return {"params": params, "optimizer": sharded_bytes(abstract_opt, sh.opt_state),
-          "teacher": params if teacher else 0}
+  params, opt = _trained_bytes(abstract, optimizer, mesh,
+                               parallel.param_shardings(model_cfg, mesh))
+  return {"params": params, "optimizer": opt, "teacher": params if teacher else 0}
 
 
 def lora_state_bytes(model_cfg, optimizer, mesh, teacher: str | None = None) -> dict[str, int]:
@@ -114,17 +119,11 @@ def lora_state_bytes(model_cfg, optimizer, mesh, teacher: str | None = None) -> 
   base_cfg = lora.base_config(model_cfg)
   base = jax.eval_shape(functools.partial(model.init, base_cfg), jax.random.key(0))
   adapters = nn.unbox(lora.abstract_adapters(model_cfg))
-  adapter_sh = lora.adapter_shardings(model_cfg, mesh)
-  opt_sh = state_lib_shardings(adapters, optimizer, mesh, adapter_sh)
-  adapter_bytes = sharded_bytes(adapters, adapter_sh)
+  adapter_bytes, opt = _trained_bytes(adapters, optimizer, mesh,
+                                      lora.adapter_shardings(model_cfg, mesh))
   return {"params": sharded_bytes(base, parallel.param_shardings(base_cfg, mesh)) + adapter_bytes,
-          "optimizer": sharded_bytes(jax.eval_shape(optimizer.init, adapters), opt_sh),
-          "teacher": adapter_bytes if teacher == "ema" else 0, "trained": adapter_bytes}
-
-
-def state_lib_shardings(abstract, optimizer, mesh, param_sh):
-  from opsd_jax.train import state as state_lib  # local: train imports memory's users
-  return state_lib.shardings_like(abstract, optimizer, mesh, False, param_sh).opt_state
+          "optimizer": opt, "teacher": adapter_bytes if teacher == "ema" else 0,
+          "trained": adapter_bytes}
 
 
 def saved_residuals(loss_fn, *args):
