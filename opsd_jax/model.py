@@ -148,14 +148,11 @@ class Attention(nn.Module):
     K = cfg.n_kv_heads
     # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
     q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(B, T, K, N // K, H)
-    scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q, k.astype(dt),
-                        preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    # The dot's own output order (batch B K, then G T, then H), transposed after: asking einsum
-    # for BTKGH directly lets XLA pick an [.., H, G] layout that costs o_proj a transposed copy
-    # of its weights per decode step. With T = 1 the transpose is free.
-    out_BKGTH = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v.astype(dt))
+    k, v = k.astype(dt), v.astype(dt)
+    if cache is None:  # a whole sequence: mask_BTS is causal (attention_mask builds it so)
+      out_BKGTH = _causal_attention(q, k, v, mask_BTS)
+    else:
+      out_BKGTH = _attend(q, k, v, mask_BTS, kv_spec)
     out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
                            name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
@@ -169,6 +166,35 @@ class Attention(nn.Module):
     else:
       y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
     return _plus(y, lora), new_cache
+
+
+def _attend(q_BTKGH, k, v, mask_BTS, kv_spec):
+  """Softmax attention of grouped queries over keys/values laid out as kv_spec (BSKH or BKSH).
+  Returns the dot's own output order [B, K, G, T, H]: asking einsum for BTKGH directly lets XLA
+  pick an [.., H, G] layout that costs o_proj a transposed copy of its weights per decode step."""
+  scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BTKGH.dtype)
+  return jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v)
+
+
+# Causal attention over a whole sequence runs in this many query blocks, each against the keys up
+# to its own end: (n + 1) / 2n of the T x T scores are computed instead of all, and each block's
+# scores stay cache-sized. Measured on CPU at T = 512 (8 x 8 heads, forward + backward): 85 ms
+# against 161 ms for one T x T pass. Blocks shorter than _MIN_QUERY_BLOCK are not worth a dot.
+_CAUSAL_BLOCKS = 8
+_MIN_QUERY_BLOCK = 64
+
+
+def _causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+  """`_attend` for a sequence attending to itself (S = T) under a causal mask_BTS: keys after a
+  query block's last query are masked for all of it, so they are left out, not computed."""
+  T = q_BTKGH.shape[1]
+  blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
+  edges = [round(i * T / blocks) for i in range(blocks + 1)]
+  outs = [_attend(q_BTKGH[:, a:b], k_BSKH[:, :b], v_BSKH[:, :b], mask_BTS[:, a:b, :b], "BSKH")
+          for a, b in zip(edges[:-1], edges[1:])]
+  return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
 
 
 class _Kernel(nn.Module):
