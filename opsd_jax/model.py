@@ -124,21 +124,18 @@ class Attention(nn.Module):
     k = apply_rope(k, positions_BT, inv_freq)
 
     if cache is not None:
-      # cache = (k [L, B, K, S, H], v, layer): write only the T new slots of each row into the
-      # stacked buffers (no per-layer slice is copied out and back), then read this layer's
-      # slice, whose [B, K, S, H] layout the attention dots take without a transpose.
-      k_all, v_all, layer = cache
+      # cache = this layer's (k, v) buffers [B, K, S, H]: heads before slots, the layout the
+      # attention dots read without a transpose. Each row writes its T new slots at its own
+      # position, in place: a vmapped dynamic_update_slice, i.e. a scatter with a batch dim, which
+      # the partitioner keeps local when rows are sharded (explicit row indices made it all-gather
+      # every update per step).
+      def write(buf_KSH, new_TKH, pos):
+        return jax.lax.dynamic_update_slice(
+            buf_KSH, new_TKH.transpose(1, 0, 2).astype(buf_KSH.dtype), (0, pos, 0))
 
-      def write(buf_LKSH, new_KTH, pos):  # one row's slots [pos, pos + T) of this layer
-        return jax.lax.dynamic_update_slice(buf_LKSH, new_KTH[None].astype(buf_LKSH.dtype),
-                                            (layer, 0, pos, 0))
-
-      # vmapped over rows: a scatter with a batch dimension, which the partitioner keeps local
-      # when rows are sharded (explicit row indices made it all-gather every update per step).
-      write_rows = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)
-      k_all = write_rows(k_all, k.transpose(0, 2, 1, 3), cache_pos_B)
-      v_all = write_rows(v_all, v.transpose(0, 2, 1, 3), cache_pos_B)
-      k, v, new_cache = k_all[layer], v_all[layer], (k_all, v_all)
+      k = jax.vmap(write)(cache[0], k, cache_pos_B)
+      v = jax.vmap(write)(cache[1], v, cache_pos_B)
+      new_cache = (k, v)
       kv_spec = "BKSH"
     else:
       new_cache = None
@@ -149,8 +146,10 @@ class Attention(nn.Module):
     # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
     q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(B, T, K, N // K, H)
     k, v = k.astype(dt), v.astype(dt)
-    if cache is None:  # a whole sequence: mask_BTS is causal (attention_mask builds it so)
-      out_BKGTH = _causal_attention(q, k, v, mask_BTS)
+    if T == k.shape[kv_spec.index("S")]:
+      # A whole sequence attending to itself: the training forward (attention_mask is causal) or
+      # a prefill that fills the cache from slot 0 (forward_cached's mask, causal there too).
+      out_BKGTH = _causal_attention(q, k, v, mask_BTS, kv_spec)
     else:
       out_BKGTH = _attend(q, k, v, mask_BTS, kv_spec)
     out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -186,13 +185,14 @@ _CAUSAL_BLOCKS = 8
 _MIN_QUERY_BLOCK = 64
 
 
-def _causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+def _causal_attention(q_BTKGH, k, v, mask_BTS, kv_spec):
   """`_attend` for a sequence attending to itself (S = T) under a causal mask_BTS: keys after a
   query block's last query are masked for all of it, so they are left out, not computed."""
   T = q_BTKGH.shape[1]
   blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
   edges = [round(i * T / blocks) for i in range(blocks + 1)]
-  outs = [_attend(q_BTKGH[:, a:b], k_BSKH[:, :b], v_BSKH[:, :b], mask_BTS[:, a:b, :b], "BSKH")
+  keys = lambda x, b: jax.lax.slice_in_dim(x, 0, b, axis=kv_spec.index("S"))  # noqa: E731
+  outs = [_attend(q_BTKGH[:, a:b], keys(k, b), keys(v, b), mask_BTS[:, a:b, :b], kv_spec)
           for a, b in zip(edges[:-1], edges[1:])]
   return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
 
@@ -295,21 +295,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer. Scanned: carry = (x, cache_L or None); the layer index picks the slice
-  of the stacked cache, so the whole cache stays one buffer that XLA updates in place."""
+  """One pre-norm layer: carry = (x, this layer's cache {"k", "v"} [B, K, S, H] or None), so a
+  scan over layers (training) and the unrolled cached forward share it."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, carry, _, positions_BT, mask_BTS, cache_pos_B):
-    x, cache, layer = carry
-    layer_cache = None if cache is None else (cache["k"], cache["v"], layer)
+    x, cache = carry
+    layer_cache = None if cache is None else (cache["k"], cache["v"])
     h, new_cache = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="attn_norm")(x), positions_BT, mask_BTS, layer_cache, cache_pos_B)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     if cache is not None:
       cache = {"k": new_cache[0], "v": new_cache[1]}
-    return (x, cache, layer + 1), None
+    return (x, cache), None
 
 
 # Shallow models unroll the layer scan: the scan's stacked residual and gradient buffers (zero-filled
@@ -354,12 +354,11 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _Kernel(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-  def hidden(self, tokens_BT, positions_BT, mask_BTS, cache=None, cache_pos_B=None):
+  def hidden(self, tokens_BT, positions_BT, mask_BTS):
     x = _batch_split(self.embed(tokens_BT))
     dummy = jnp.zeros((self.cfg.n_layers,), jnp.int32)
-    (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), dummy, positions_BT, mask_BTS,
-                                   cache_pos_B)
-    return self.final_norm(x), cache
+    (x, _), _ = self.layers((x, None), dummy, positions_BT, mask_BTS, None)
+    return self.final_norm(x)
 
   def unembed(self, h_BTD):
     if self.cfg.tie_embeddings:
@@ -367,8 +366,7 @@ class Transformer(nn.Module):
     return self.lm_head(h_BTD, "BTD,DV->BTV")
 
   def __call__(self, tokens_BT, positions_BT, mask_BTS):
-    h, _ = self.hidden(tokens_BT, positions_BT, mask_BTS)
-    return self.unembed(h)
+    return self.unembed(self.hidden(tokens_BT, positions_BT, mask_BTS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,9 +429,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, mask_BT=None, pos
                   segment_ids_BT=None):
   """Final-norm hidden states [B, T, D]; pair with `unembed` to get logits chunk by chunk."""
   positions_BT, mask_BTS = _inputs(tokens_BT, mask_BT, positions_BT, segment_ids_BT)
-  h, _ = Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
-                                method=Transformer.hidden)
-  return h
+  return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+                               method=Transformer.hidden)
 
 
 def unembed(cfg: ModelConfig, params: Params, h_BTD):
@@ -497,14 +494,11 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, ca
   x = module.apply(outer, tokens_BT, method=lambda m, t: m.embed(t))
   new_k, new_v = [], []
   for i, lp in enumerate(layer_params):
-    k, v = (cache["k"][i], cache["v"][i])
-    # A leading axis of 1 lets Block's stacked-cache branch (scatter at layer 0, read [0]) serve
-    # unchanged; both are bitcasts of this layer's own buffer.
-    (x, layer_cache, _), _ = Block(cfg).apply(
-        {"params": lp}, (x, {"k": k[None], "v": v[None]}, 0), None, positions_BT, mask_BTS,
-        cache_pos_B)
-    new_k.append(layer_cache["k"][0])
-    new_v.append(layer_cache["v"][0])
+    (x, layer_cache), _ = Block(cfg).apply(
+        {"params": lp}, (x, {"k": cache["k"][i], "v": cache["v"][i]}), None, positions_BT,
+        mask_BTS, cache_pos_B)
+    new_k.append(layer_cache["k"])
+    new_v.append(layer_cache["v"])
   if last_only:
     x = x[:, -1:]
   logits = module.apply(outer, x, method=lambda m, h: m.unembed(m.final_norm(h)))

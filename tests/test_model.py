@@ -60,6 +60,30 @@ def test_cached_decode_left_padded_equals_full_forward(params):
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
+  """A long left-padded prompt prefilled into a cache of exactly its width (the sampler's prefill:
+  attention in causal query blocks), the cache then grown and decoded (teacher-forced): the full
+  forward's logits at every real position."""
+  B, P, new = 3, 160, 3
+  tokens = _tokens((B, P + new), seed=5)
+  mask = np.ones((B, P + new), bool)
+  for b, n in enumerate([160, 100, 30]):
+    mask[b, :P - n] = False
+    tokens[b, :P - n] = 0
+  full = np.asarray(forward(CFG, params, tokens, mask))
+  positions = np.asarray(model.positions_from_mask(mask))
+  cache = model.init_cache(CFG, B, P, per_layer=True)
+  logits, cache = forward_cached(CFG, params, tokens[:, :P], positions[:, :P], cache,
+                                 jnp.zeros(B, jnp.int32), mask[:, :P])
+  real = mask[:, :P]
+  np.testing.assert_allclose(np.asarray(logits)[real], full[:, :P][real], atol=1e-5, rtol=1e-5)
+  cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, new), (0, 0))), cache)
+  for t in range(P, P + new):
+    logits, cache = forward_cached(CFG, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache,
+                                   jnp.full(B, t, jnp.int32), mask)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
 def test_cached_decode_per_row_cache_positions(params):
   """Prompts written left-aligned (right padding in the prefill); each row decodes at its own
   slot, overwriting the padding slots. Reference: the right-padded full sequences, whose real
@@ -190,7 +214,7 @@ def test_causal_attention_in_query_blocks_equals_one_pass(T):
   mask = np.asarray(model.attention_mask(jnp.asarray(seg)))
 
   def blocked(q, k, v):
-    out = model._causal_attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask))
+    out = model._causal_attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH")
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
   def one_pass(q, k, v):
