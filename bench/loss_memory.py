@@ -9,12 +9,15 @@ executed), peak = temp + argument + output bytes. One JSON line per (T, variant)
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from opsd_jax import losses
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from opsd_jax import losses  # noqa: E402
 
 
 def loss_fn(embedding_VD, h_student_BTD, h_teacher_BTD, chunk, kind):

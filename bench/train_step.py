@@ -10,16 +10,19 @@ scores, as computed); the OPSD teacher adds a forward (a third of that) over its
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opsd_jax import model, parallel
-from opsd_jax.config import ModelConfig, default_config
-from opsd_jax.train import optim, state as state_lib, steps
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from opsd_jax import model, parallel  # noqa: E402
+from opsd_jax.config import ModelConfig, default_config  # noqa: E402
+from opsd_jax.train import optim, state as state_lib, steps  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64,
                   mlp_dim=1536, tie_embeddings=True)
