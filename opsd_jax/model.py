@@ -333,6 +333,9 @@ def _batch_split(x_BTD):
 
 
 class Transformer(nn.Module):
+  """The decoder over a whole sequence. mask_BTS must be causal (as `attention_mask` builds it):
+  attention skips the keys after each query block. Outputs at padding queries (no key attended)
+  are unspecified; nothing reads them."""
   cfg: ModelConfig
 
   def setup(self):
@@ -389,14 +392,11 @@ def abstract_params(cfg: ModelConfig):
       jax.random.key(0), tokens, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool)))["params"]
 
 
-def attention_mask(segment_ids_BT, causal: bool = True):
+def attention_mask(segment_ids_BT):
   """[B, T, T] mask: same segment (0 = padding, never attended), and causal."""
+  T = segment_ids_BT.shape[1]
   same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  mask = same & (segment_ids_BT[:, None, :] != 0)
-  if causal:
-    T = segment_ids_BT.shape[1]
-    mask = mask & jnp.tril(jnp.ones((T, T), bool))[None]
-  return mask
+  return same & (segment_ids_BT[:, None, :] != 0) & jnp.tril(jnp.ones((T, T), bool))[None]
 
 
 def positions_from_mask(mask_BT):
