@@ -202,8 +202,8 @@ def _softmax_attention_reference(q, k, v, mask):
 @pytest.mark.parametrize("T", [150, 200, 512])
 def test_causal_attention_in_query_blocks_equals_one_pass(T):
   """The training path computes causal attention in query blocks, each against the keys up to its
-  end (2, 3 and 8 blocks, uneven at T = 200). On every real query: the numpy softmax over the full causal,
-  packed mask; gradients equal those of one T x T pass."""
+  end (2, 3 and 8 blocks, uneven at T = 200). On every real query: the numpy softmax over the full
+  causal, packed mask; gradients equal those of one T x T pass."""
   B, N, K, H = 2, 4, 2, 8
   rng = np.random.default_rng(T)
   q, k, v, w = (rng.normal(size=s).astype(np.float32)
@@ -213,13 +213,13 @@ def test_causal_attention_in_query_blocks_equals_one_pass(T):
   seg[1, T // 3:] = 2      # two packed documents
   mask = np.asarray(model.attention_mask(jnp.asarray(seg)))
 
-  def blocked(q, k, v):
-    out = model._causal_attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH")
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  def per_head(attention):  # [B, T, N, H] in and out, as the reference takes them
+    def fn(q, k, v):
+      out = attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH")
+      return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return fn
 
-  def one_pass(q, k, v):
-    out = model._attend(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH")
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  blocked, one_pass = per_head(model._causal_attention), per_head(model._attend)
 
   real = seg != 0
   got = np.asarray(jax.jit(blocked)(q, k, v))
