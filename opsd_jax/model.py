@@ -123,6 +123,11 @@ class Attention(nn.Module):
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
 
+    B, T, N, H = q.shape
+    # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
+    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(
+        B, T, cfg.n_kv_heads, N // cfg.n_kv_heads, H)
+    new_cache = None
     if cache is not None:
       # cache = this layer's (k, v) buffers [B, K, S, H]: heads before slots, the layout the
       # attention dots read without a transpose. Each row writes its T new slots at its own
@@ -133,25 +138,27 @@ class Attention(nn.Module):
         return jax.lax.dynamic_update_slice(
             buf_KSH, new_TKH.transpose(1, 0, 2).astype(buf_KSH.dtype), (0, pos, 0))
 
-      k = jax.vmap(write)(cache[0], k, cache_pos_B)
-      v = jax.vmap(write)(cache[1], v, cache_pos_B)
-      new_cache = (k, v)
-      kv_spec = "BKSH"
-    else:
-      new_cache = None
-      kv_spec = "BSKH"
-
-    B, T, N, H = q.shape
-    K = cfg.n_kv_heads
-    # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
-    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(B, T, K, N // K, H)
-    k, v = k.astype(dt), v.astype(dt)
-    if T == k.shape[kv_spec.index("S")]:
+    if cache is None or T == cache[0].shape[2]:
       # A whole sequence attending to itself: the training forward (attention_mask is causal) or
       # a prefill that fills the cache from slot 0 (forward_cached's mask, causal there too).
-      out_BKGTH = _causal_attention(q, k, v, mask_BTS, kv_spec)
+      if cache is not None:
+        new_cache = k, v = jax.vmap(write)(cache[0], k, cache_pos_B), jax.vmap(write)(
+            cache[1], v, cache_pos_B)
+      kv_spec = "BSKH" if cache is None else "BKSH"
+      out_BKGTH = _causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, kv_spec)
     else:
-      out_BKGTH = _attend(q, k, v, mask_BTS, kv_spec)
+      # Decode: attention reads the cache as it was and the new tokens beside it, then the new
+      # slots are written. Reading the written buffers instead compiled, at batch 1, to a second
+      # update fusion and two copies of every layer's cache per step.
+      out_BKGTH = _attend_cache_and_new(q, cache[0].astype(dt), cache[1].astype(dt), k.astype(dt),
+                                        v.astype(dt), mask_BTS, cache_pos_B)
+      # The writes must follow that read, or XLA copies each buffer to keep its old value
+      # readable (two copies per layer per step, at every batch size). Only a data dependency
+      # orders them (XLA CPU drops optimization barriers before copy insertion): the new keys and
+      # values plus 0 x the output, per (row, KV head), so nothing crosses devices.
+      zero_B1K1 = 0 * out_BKGTH[:, :, 0, :1, :1].transpose(0, 2, 1, 3)
+      new_cache = (jax.vmap(write)(cache[0], k + zero_B1K1, cache_pos_B),
+                   jax.vmap(write)(cache[1], v + zero_B1K1, cache_pos_B))
     out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
                            name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
@@ -175,6 +182,27 @@ def _attend(q_BTKGH, k, v, mask_BTS, kv_spec):
   scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BTKGH.dtype)
   return jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v)
+
+
+def _attend_cache_and_new(q_BTKGH, k_BKSH, v_BKSH, k_BTKH, v_BTKH, mask_BTS, cache_pos_B):
+  """`_attend` over a cache [B, K, S, H] as it was *before* row b's T new slots (from
+  cache_pos_b) were written, and over the new keys and values themselves: one softmax across both
+  parts. mask_BTS is forward_cached's mask over the written cache; the old part keeps its slots
+  before cache_pos_b, the new part its columns cache_pos_b .. cache_pos_b + T - 1."""
+  T, S = q_BTKGH.shape[1], k_BKSH.shape[2]
+  old_mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] < cache_pos_B[:, None, None])
+  new_mask_BTT = jax.vmap(lambda m_TS, pos: jax.lax.dynamic_slice_in_dim(m_TS, pos, T, axis=1))(
+      mask_BTS, cache_pos_B)
+  old = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+  new = jnp.einsum("BTKGH,BUKH->BKGTU", q_BTKGH, k_BTKH, preferred_element_type=jnp.float32)
+  old = jnp.where(old_mask_BTS[:, None, None], old, _NEG_INF)
+  new = jnp.where(new_mask_BTT[:, None, None], new, _NEG_INF)
+  top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+  p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+  total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+  dt = q_BTKGH.dtype
+  return (jnp.einsum("BKGTS,BKSH->BKGTH", (p_old / total).astype(dt), v_BKSH)
+          + jnp.einsum("BKGTU,BUKH->BKGTH", (p_new / total).astype(dt), v_BTKH))
 
 
 # Causal attention over a whole sequence runs in this many query blocks, each against the keys up
