@@ -84,6 +84,27 @@ def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_in_chunks_into_a_filled_cache_equals_full_forward(params):
+  """T > 1 new tokens at cache_pos > 0 (a chunked prefill): they attend to the cache as it was and,
+  causally, to each other; rows at different positions, one left-padded. Then one decode step."""
+  B, S = 2, 12
+  tokens = _tokens((B, S), seed=7)
+  mask = np.ones((B, S), bool)
+  mask[1, :3] = False
+  tokens[1, :3] = 0
+  full = np.asarray(forward(CFG, params, tokens, mask))
+  positions = np.asarray(model.positions_from_mask(mask))
+  cache = model.init_cache(CFG, B, S, per_layer=True)
+  kv_mask = np.zeros((B, S), bool)
+  for start, end in ((0, 5), (5, 11), (11, 12)):
+    kv_mask[:, start:end] = mask[:, start:end]
+    logits, cache = forward_cached(CFG, params, tokens[:, start:end], positions[:, start:end],
+                                   cache, jnp.full(B, start, jnp.int32), kv_mask)
+    real = mask[:, start:end]
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, start:end][real], atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_cached_decode_per_row_cache_positions(params):
   """Prompts written left-aligned (right padding in the prefill); each row decodes at its own
   slot, overwriting the padding slots. Reference: the right-padded full sequences, whose real
