@@ -4,7 +4,9 @@ Model: ~23M-parameter Qwen3 shape (vocab 8192, d_model 512, 6 layers, 8 heads, 4
 head_dim 64, MLP 1536, tied embeddings), random init, saved with hf.save so transformers and tunix
 load the same weights. Workload: 64-token prompts, 256 new tokens, no early stop, temperature 1.
 
-  python bench/sampler.py [--quick] [--only ours,floor,nocache,hf,tunix,position,skewed]
+  python bench/sampler.py [--repeats 2] [--only ours,floor,nocache,hf,tunix,position,skewed]
+
+Every implementation, peers included, is timed as the best of --repeats runs after a warm-up run.
 
 Each line: {"bench", "batch", "impl", "tok_s" | "ms_per_token" | "seconds", ...}. Peers:
   nocache  the same model, full recompute of the whole (fixed-size) sequence every step;
@@ -139,18 +141,18 @@ def bench_hf(path, repeats):
                           top_p=1.0, temperature=1.0, max_new_tokens=NEW_TOKENS,
                           min_new_tokens=NEW_TOKENS, num_return_sequences=samples,
                           use_cache=True, pad_token_id=0)
-    s = timed(run, 1)
+    s = timed(run, repeats)
     emit(bench="group" if samples > 1 else "decode",
          batch=f"{batch}x{samples}" if samples > 1 else batch, impl="transformers",
          tok_s=batch * samples * NEW_TOKENS / s, seconds=s)
 
 
-def bench_tunix(path):
+def bench_tunix(path, repeats):
   if not os.path.exists(TUNIX_PYTHON):
     emit(bench="decode", impl="tunix", note=f"skipped: {TUNIX_PYTHON} not found")
     return
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tunix_sampler.py")
-  proc = subprocess.run([TUNIX_PYTHON, script, path, str(PROMPT_LEN), str(NEW_TOKENS)],
+  proc = subprocess.run([TUNIX_PYTHON, script, path, str(PROMPT_LEN), str(NEW_TOKENS), str(repeats)],
                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   for line in lines:
@@ -218,7 +220,7 @@ def main():
     if "hf" in parts:
       bench_hf(path, args.repeats)
     if "tunix" in parts:
-      bench_tunix(path)
+      bench_tunix(path, args.repeats)
     if "position" in parts:
       bench_position(params, args.repeats)
     if "skewed" in parts:
