@@ -23,7 +23,10 @@ decode step near the cost of its weight matmuls on CPU:
     step);
   - a static batch grows its cache in phases (`_phase_ends`), so attention reads about
     prompt + t slots, not prompt + max_new_tokens;
-  - the uniforms are drawn for every (row, token) before the loop: no RNG in the step.
+  - the uniforms are drawn for every (row, token) before the loop: no RNG in the step;
+  - a step's attention reads each layer's cache as it was plus the new token, and only then writes
+    the new slot (`model._attend_cache_and_new`), so XLA updates the buffer in place instead of
+    copying it twice per layer.
 
 Sampling never calls `jax.random.categorical` (Gumbel noise over the whole vocabulary costs more
 than the rest of a small model's decode step on CPU): one uniform per row and an inverse CDF,
