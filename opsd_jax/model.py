@@ -177,11 +177,16 @@ class Attention(nn.Module):
 def _attend(q_BTKGH, k, v, mask_BTS, kv_spec):
   """Softmax attention of grouped queries over keys/values laid out as kv_spec (BSKH or BKSH).
   Returns the dot's own output order [B, K, G, T, H]: asking einsum for BTKGH directly lets XLA
-  pick an [.., H, G] layout that costs o_proj a transposed copy of its weights per decode step."""
+  pick an [.., H, G] layout that costs o_proj a transposed copy of its weights per decode step.
+
+  The softmax's normalisation divides the [.., T, H] output, not the [.., T, S] probabilities: one
+  pass fewer over the scores forward and backward (the 8 x 512 SFT step 2.74-2.89 -> 2.65-2.69 s
+  on CPU). The max is a shift the softmax does not depend on, so no gradient flows through it."""
   scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q_BTKGH.dtype)
-  return jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", probs, v)
+  p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+  out = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", p.astype(q_BTKGH.dtype), v)
+  return out / p.sum(-1, keepdims=True).astype(out.dtype)
 
 
 def _attend_cache_and_new(q_BTKGH, k_BKSH, v_BKSH, k_BTKH, v_BTKH, mask_BTS, cache_pos_B):
