@@ -47,11 +47,18 @@ def timed(fn, iters):
   return statistics.median(times)
 
 
-def matmul_peak(n=2048, iters=5):
+def matmul_peak(n=2048, iters=10):
+  """The best rate of `iters` 2048^3 f32 matmuls: a peak is the most the machine does, and a
+  median over a noisy neighbour's slowdowns read as low as 409 against a best of 496 GFLOP/s."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  seconds = timed(lambda: f(a).block_until_ready(), iters)
-  return 2 * n ** 3 / seconds
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(iters):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
 
 
 def jax_steps(batch, seq, iters):
