@@ -147,9 +147,10 @@ class Attention(nn.Module):
       kv_spec = "BSKH" if cache is None else "BKSH"
       out_BKGTH = _causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, kv_spec)
     else:
-      # Decode: attention reads the cache as it was and the new tokens beside it, then the new
-      # slots are written. Reading the written buffers instead compiled, at batch 1, to a second
-      # update fusion and two copies of every layer's cache per step.
+      # New tokens on a filled cache (decode; a prefill in chunks): attention reads the cache as
+      # it was and the new tokens beside it, then the new slots are written. Reading the written
+      # buffers instead compiled, at batch 1, to a second update fusion and two copies of every
+      # layer's cache per decode step.
       out_BKGTH = _attend_cache_and_new(q, cache[0].astype(dt), cache[1].astype(dt), k.astype(dt),
                                         v.astype(dt), mask_BTS, cache_pos_B)
       # The writes must follow that read, or XLA copies each buffer to keep its old value
