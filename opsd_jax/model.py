@@ -163,15 +163,9 @@ class Attention(nn.Module):
     out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
                            name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
-    if T == 1:
-      # One-token decode: o_proj as a 2-D matmul over flattened heads, [B, N H] x [N H, D] (the
-      # kernel reshape is a bitcast). Contracting (N, H) as two dims let XLA permute the
-      # loop-invariant kernel to the activation's layout at every step (1 MB per layer here);
-      # for training the einsum measured faster.
-      y = jnp.dot(out_BTNH.reshape(B, N * H),
-                  kernel.astype(dt).reshape(N * H, cfg.d_model))[:, None]
-    else:
-      y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
+    # As a 2-D matmul over flattened heads: contracting (N, H) as two dims let XLA permute the
+    # loop-invariant kernel to the activation's layout at every decode step (1 MB per layer here).
+    y = _project("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
     return _plus(y, lora), new_cache
 
 
@@ -244,11 +238,28 @@ class _Kernel(nn.Module):
   def __call__(self, x, spec):
     dt = _dtype(self.cfg.dtype)
     kernel = _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
-    y = jnp.einsum(spec, x.astype(dt), kernel.astype(dt))
+    y = _project(spec, x.astype(dt), kernel.astype(dt))
     if self.bias_shape is not None:
       bias = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
       y = y + bias.astype(dt)
     return _plus(y, _lora_update(self, x, spec))
+
+
+def _project(spec, x, kernel):
+  """jnp.einsum(spec, x, kernel) for a projection whose contracted dims trail x and lead kernel
+  ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), run as ONE 2-D matmul over flattened dims. The reshapes are
+  bitcasts, and the backward's transposed operand for dW is then a 2-D transpose, which XLA CPU
+  copies ~5x faster than the equivalent 4-D one (the [B, T, N, H] -> [N, H, B, T] copies of the
+  einsum form cost 7 vs 1.4 ms each at 8 x 512). Other specs fall back to the einsum."""
+  x_spec, rest = spec.split(",")
+  k_spec, y_spec = rest.split("->")
+  n_in = sum(c in x_spec for c in k_spec)
+  if (k_spec[:n_in] != x_spec[len(x_spec) - n_in:]
+      or y_spec != x_spec[:len(x_spec) - n_in] + k_spec[n_in:]):
+    return jnp.einsum(spec, x, kernel)
+  lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]
+  y = jnp.dot(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
+  return y.reshape(*lead, *out)
 
 
 class _Weight(nn.Module):
@@ -308,6 +319,46 @@ def _lora_update(module, x, spec):
   return (cfg.lora_alpha / r) * delta
 
 
+@jax.custom_vjp
+def _swiglu(x_BTD, w_DKF, lora_BTKF):
+  """silu(gate) * up from ONE stacked [D, 2, F] gate/up matmul (plus LoRA's updates, when given).
+
+  A hand-written backward over flattened tokens: autodiff builds the [B, T, 2, F] cotangent from
+  the two slices by padding and adding, transposes it, and runs its dots through the copy, which
+  costs 25 % more than these four plain dots on CPU (fwd + bwd of one MLP at 8 x 512: 235 vs
+  290 ms)."""
+  return _swiglu_fwd(x_BTD, w_DKF, lora_BTKF)[0]
+
+
+def _swiglu_fwd(x_BTD, w_DKF, lora_BTKF):
+  B, T, D = x_BTD.shape
+  x_ND = x_BTD.reshape(B * T, D)
+  gate_up = jnp.einsum("ND,DKF->NKF", x_ND, w_DKF)
+  if lora_BTKF is not None:
+    gate_up = gate_up + lora_BTKF.reshape(gate_up.shape).astype(gate_up.dtype)
+  gate, up = gate_up[:, 0], gate_up[:, 1]
+  h = (nn.silu(gate) * up).reshape(B, T, -1)
+  return h, (x_ND, w_DKF, gate, up, lora_BTKF)
+
+
+def _swiglu_bwd(res, d_h_BTF):
+  x_ND, w_DKF, gate, up, lora_BTKF = res
+  d_h = d_h_BTF.reshape(gate.shape)
+  sig = jax.nn.sigmoid(gate)
+  d_gate = d_h * up * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = s (1 + g (1 - s))
+  d_up = d_h * gate * sig
+  d_x = (jnp.einsum("NF,DF->ND", d_gate, w_DKF[:, 0])
+         + jnp.einsum("NF,DF->ND", d_up, w_DKF[:, 1]))
+  d_w = jnp.stack([jnp.einsum("ND,NF->DF", x_ND, d_gate),
+                   jnp.einsum("ND,NF->DF", x_ND, d_up)], 1)
+  d_lora = None if lora_BTKF is None else jnp.stack([d_gate, d_up], 1).reshape(
+      lora_BTKF.shape).astype(lora_BTKF.dtype)
+  return d_x.reshape(d_h_BTF.shape[:2] + x_ND.shape[1:]), d_w, d_lora
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
 
@@ -320,11 +371,12 @@ class MLP(nn.Module):
     (gate_w, gate_lora), (up_w, up_lora) = [
         _Weight(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)(
             x_BTD, "BTD,DF->BTF") for name in ("gate", "up")]
+    lora = None
+    if gate_lora is not None or up_lora is not None:
+      zero = jnp.zeros(x_BTD.shape[:-1] + (cfg.mlp_dim,), dt)
+      lora = jnp.stack([_plus(zero, gate_lora), _plus(zero, up_lora)], 2)
     # Stacked (not concatenated) so a tensor-sharded F axis stays where it is: no resharding.
-    gate_up = jnp.einsum("BTD,DKF->BTKF", x_BTD.astype(dt),
-                         jnp.stack([gate_w, up_w], 1).astype(dt))
-    gate, up = _plus(gate_up[:, :, 0], gate_lora), _plus(gate_up[:, :, 1], up_lora)
-    h = nn.silu(gate) * up
+    h = _swiglu(x_BTD.astype(dt), jnp.stack([gate_w, up_w], 1).astype(dt), lora)
     return _Kernel(cfg, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), name="down")(h, "BTF,FD->BTD")
 
 
