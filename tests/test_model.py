@@ -254,26 +254,31 @@ def test_causal_attention_in_query_blocks_equals_one_pass(T):
     np.testing.assert_allclose(g_blocked, g_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_swiglu_hand_written_backward_equals_autodiff(with_lora):
-  """The MLP's gate/up + SwiGLU runs a hand-written backward; its value and its gradients with
-  respect to x, the stacked kernel and the LoRA updates equal autodiff of the plain formula."""
+@pytest.mark.parametrize("lora_on", [(), ("gate",), ("gate", "up")])
+def test_swiglu_hand_written_backward_equals_autodiff(lora_on):
+  """The MLP's SwiGLU runs a hand-written backward; its value and its gradients with respect to
+  x, both kernels and the LoRA updates (none, one, both) equal autodiff of the plain formula."""
   rng = np.random.default_rng(0)
   B, T, D, F = 2, 5, 6, 7
-  x, w, lora, d_h = (jnp.asarray(rng.normal(size=s), jnp.float32)
-                     for s in [(B, T, D), (D, 2, F), (B, T, 2, F), (B, T, F)])
-  lora = lora if with_lora else None
+  x, gate_w, up_w, d_h = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in [(B, T, D), (D, F), (D, F), (B, T, F)])
+  lora = None if not lora_on else tuple(
+      jnp.asarray(rng.normal(size=(B, T, F)), jnp.float32) if name in lora_on else None
+      for name in ("gate", "up"))
 
-  def plain(x, w, lora):
-    gate_up = jnp.einsum("btd,dkf->btkf", x, w) + (0 if lora is None else lora)
-    return jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+  def plain(x, gate_w, up_w, lora):
+    gate, up = x @ gate_w, x @ up_w
+    if lora is not None:
+      gate, up = [y if d is None else y + d for y, d in zip((gate, up), lora)]
+    return jax.nn.silu(gate) * up
 
-  want, want_vjp = jax.vjp(plain, x, w, lora)
-  got, got_vjp = jax.vjp(model._swiglu, x, w, lora)
+  want, want_vjp = jax.vjp(plain, x, gate_w, up_w, lora)
+  got, got_vjp = jax.vjp(model._swiglu, x, gate_w, up_w, lora)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  for g, r in zip(jax.tree.leaves(got_vjp(d_h)), jax.tree.leaves(want_vjp(d_h))):
+  got_grads, want_grads = jax.tree.leaves(got_vjp(d_h)), jax.tree.leaves(want_vjp(d_h))
+  assert len(got_grads) == len(want_grads) == 3 + len(lora_on)
+  for g, r in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-  assert len(jax.tree.leaves(got_vjp(d_h))) == (3 if with_lora else 2)
 
 
 @pytest.mark.parametrize("spec, x_shape, k_shape", [
