@@ -245,14 +245,19 @@ class _Kernel(nn.Module):
     return _plus(y, _lora_update(self, x, spec))
 
 
+def _spec_parts(spec):
+  """"x,kernel->y" -> (x, kernel, y): the projection einsums' three operand specs."""
+  x_spec, rest = spec.split(",")
+  return (x_spec, *rest.split("->"))
+
+
 def _project(spec, x, kernel):
   """jnp.einsum(spec, x, kernel) for a projection whose contracted dims trail x and lead kernel
   ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), run as ONE 2-D matmul over flattened dims. The reshapes are
   bitcasts, and the backward's transposed operand for dW is then a 2-D transpose, which XLA CPU
   copies ~5x faster than the equivalent 4-D one (the [B, T, N, H] -> [N, H, B, T] copies of the
   einsum form cost 7 vs 1.4 ms each at 8 x 512). Other specs fall back to the einsum."""
-  x_spec, rest = spec.split(",")
-  k_spec, y_spec = rest.split("->")
+  x_spec, k_spec, y_spec = _spec_parts(spec)
   n_in = sum(c in x_spec for c in k_spec)
   if (k_spec[:n_in] != x_spec[len(x_spec) - n_in:]
       or y_spec != x_spec[:len(x_spec) - n_in] + k_spec[n_in:]):
@@ -263,8 +268,9 @@ def _project(spec, x, kernel):
 
 
 class _Weight(nn.Module):
-  """Just a named kernel parameter, for callers that combine kernels before one matmul; its
-  LoRA update comes from `_lora_update(weight_module, x, spec)` (adapters live next to kernel)."""
+  """Just a named kernel parameter, for callers that run their own matmul with it (o_proj, the
+  SwiGLU's gate and up); its LoRA update comes from `_lora_update(weight_module, x, spec)`
+  (adapters live next to kernel)."""
   cfg: ModelConfig
   shape: tuple[int, ...]
   axes: tuple[str, ...]
@@ -296,8 +302,7 @@ def _lora_update(module, x, spec):
     return None
   if not module.is_initializing() and not module.has_variable("params", "lora_a"):
     return None
-  x_spec, rest = spec.split(",")
-  k_spec, y_spec = rest.split("->")
+  x_spec, k_spec, y_spec = _spec_parts(spec)
   ins = [i for i, c in enumerate(k_spec) if c in x_spec]    # contracted with x
   outs = [i for i, c in enumerate(k_spec) if c not in x_spec]
   r = cfg.lora_rank
