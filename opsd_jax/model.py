@@ -34,6 +34,16 @@ from opsd_jax.config import ModelConfig
 Params = Any
 _NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
 
+# Layout of one layer's KV cache buffers: heads before slots, so decode attention reads each
+# head's cache without a transpose; keys with slots last, so each head's keys are a plain [H, S]
+# matrix on the right of the q @ k dot. A CPU decode step with the keys [S, H] instead: 19.6-20.0
+# against 16.7-17.4 ms at batch 8 with 1024 slots, 27.8 against 25.0 ms at batch 32 with 320.
+CACHE_LAYOUT = {"k": "BKHS", "v": "BKSH"}
+CACHE_SLOT_AXIS = {name: spec.index("S") for name, spec in CACHE_LAYOUT.items()}
+# A row's new keys or values [T, K, H] (their T slots) transposed to a buffer row's layout.
+_CACHE_PERM = {name: tuple("SKH".index(a) for a in spec[1:])
+               for name, spec in CACHE_LAYOUT.items()}
+
 
 def _dtype(name: str):
   return jnp.dtype(name)
@@ -129,23 +139,27 @@ class Attention(nn.Module):
         B, T, cfg.n_kv_heads, N // cfg.n_kv_heads, H)
     new_cache = None
     if cache is not None:
-      # cache = this layer's (k, v) buffers [B, K, S, H]: heads before slots, the layout the
-      # attention dots read without a transpose. Each row writes its T new slots at its own
-      # position, in place: a vmapped dynamic_update_slice, i.e. a scatter with a batch dim, which
-      # the partitioner keeps local when rows are sharded (explicit row indices made it all-gather
-      # every update per step).
-      def write(buf_KSH, new_TKH, pos):
-        return jax.lax.dynamic_update_slice(
-            buf_KSH, new_TKH.transpose(1, 0, 2).astype(buf_KSH.dtype), (0, pos, 0))
+      # cache = this layer's (k, v) buffers in CACHE_LAYOUT. Each row writes its T new slots at
+      # its own position, in place: a vmapped dynamic_update_slice, i.e. a scatter with a batch
+      # dim, which the partitioner keeps local when rows are sharded (explicit row indices made it
+      # all-gather every update per step).
+      def writer(name):
+        def write(buf, new_TKH, pos):
+          start = [0, 0, 0]
+          start[CACHE_SLOT_AXIS[name] - 1] = pos
+          return jax.lax.dynamic_update_slice(
+              buf, new_TKH.transpose(_CACHE_PERM[name]).astype(buf.dtype), start)
+        return jax.vmap(write)
+      write_k, write_v = writer("k"), writer("v")
 
-    if cache is None or T == cache[0].shape[2]:
+    if cache is None or T == cache[1].shape[CACHE_SLOT_AXIS["v"]]:
       # A whole sequence attending to itself: the training forward (attention_mask is causal) or
       # a prefill that fills the cache from slot 0 (forward_cached's mask, causal there too).
+      specs = ("BSKH", "BSKH")
       if cache is not None:
-        new_cache = k, v = jax.vmap(write)(cache[0], k, cache_pos_B), jax.vmap(write)(
-            cache[1], v, cache_pos_B)
-      kv_spec = "BSKH" if cache is None else "BKSH"
-      out_BKGTH = _causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, kv_spec)
+        new_cache = k, v = write_k(cache[0], k, cache_pos_B), write_v(cache[1], v, cache_pos_B)
+        specs = CACHE_LAYOUT["k"], CACHE_LAYOUT["v"]
+      out_BKGTH = _causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, *specs)
     else:
       # New tokens on a filled cache (decode; a prefill in chunks): attention reads the cache as
       # it was and the new tokens beside it, then the new slots are written. Reading the written
@@ -158,8 +172,8 @@ class Attention(nn.Module):
       # orders them (XLA CPU drops optimization barriers before copy insertion): the new keys and
       # values plus 0 x the output, per (row, KV head), so nothing crosses devices.
       zero_B1K1 = 0 * out_BKGTH[:, :, 0, :1, :1].transpose(0, 2, 1, 3)
-      new_cache = (jax.vmap(write)(cache[0], k + zero_B1K1, cache_pos_B),
-                   jax.vmap(write)(cache[1], v + zero_B1K1, cache_pos_B))
+      new_cache = (write_k(cache[0], k + zero_B1K1, cache_pos_B),
+                   write_v(cache[1], v + zero_B1K1, cache_pos_B))
     out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
                            name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
@@ -169,32 +183,36 @@ class Attention(nn.Module):
     return _plus(y, lora), new_cache
 
 
-def _attend(q_BTKGH, k, v, mask_BTS, kv_spec):
-  """Softmax attention of grouped queries over keys/values laid out as kv_spec (BSKH or BKSH).
+def _attend(q_BTKGH, k, v, mask_BTS, k_spec, v_spec):
+  """Softmax attention of grouped queries over keys and values laid out as k_spec and v_spec
+  (BSKH: the training forward's projections; CACHE_LAYOUT: cache buffers).
   Returns the dot's own output order [B, K, G, T, H]: asking einsum for BTKGH directly lets XLA
   pick an [.., H, G] layout that costs o_proj a transposed copy of its weights per decode step.
 
   The softmax's normalisation divides the [.., T, H] output, not the [.., T, S] probabilities: one
   pass fewer over the scores forward and backward (the 8 x 512 SFT step 2.74-2.89 -> 2.65-2.69 s
   on CPU). The max is a shift the softmax does not depend on, so no gradient flows through it."""
-  scores = jnp.einsum(f"BTKGH,{kv_spec}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"BTKGH,{k_spec}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
   p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-  out = jnp.einsum(f"BKGTS,{kv_spec}->BKGTH", p.astype(q_BTKGH.dtype), v)
+  out = jnp.einsum(f"BKGTS,{v_spec}->BKGTH", p.astype(q_BTKGH.dtype), v)
   return out / p.sum(-1, keepdims=True).astype(out.dtype)
 
 
-def _attend_cache_and_new(q_BTKGH, k_BKSH, v_BKSH, k_BTKH, v_BTKH, mask_BTS, cache_pos_B):
-  """`_attend` over a cache [B, K, S, H] as it was *before* row b's T new slots (from
+def _attend_cache_and_new(q_BTKGH, k_BKHS, v_BKSH, k_BTKH, v_BTKH, mask_BTS, cache_pos_B):
+  """`_attend` over a cache (CACHE_LAYOUT) as it was *before* row b's T new slots (from
   cache_pos_b) were written, and over the new keys and values themselves: one softmax across both
   parts. mask_BTS is forward_cached's mask over the written cache; the old part keeps its slots
   before cache_pos_b, the new part its columns cache_pos_b .. cache_pos_b + T - 1."""
-  T, S = q_BTKGH.shape[1], k_BKSH.shape[2]
+  T, S = q_BTKGH.shape[1], v_BKSH.shape[2]
   old_mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] < cache_pos_B[:, None, None])
   new_mask_BTT = jax.vmap(lambda m_TS, pos: jax.lax.dynamic_slice_in_dim(m_TS, pos, T, axis=1))(
       mask_BTS, cache_pos_B)
-  old = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
-  new = jnp.einsum("BTKGH,BUKH->BKGTU", q_BTKGH, k_BTKH, preferred_element_type=jnp.float32)
+  # Queries head-major first (free at T = 1): from [B, T, K, G, H] XLA CPU put the cache on the
+  # dot's left, transposed, and ran it 3x slower.
+  q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
+  old = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
+  new = jnp.einsum("BKGTH,BUKH->BKGTU", q_BKGTH, k_BTKH, preferred_element_type=jnp.float32)
   old = jnp.where(old_mask_BTS[:, None, None], old, _NEG_INF)
   new = jnp.where(new_mask_BTT[:, None, None], new, _NEG_INF)
   top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
@@ -213,14 +231,15 @@ _CAUSAL_BLOCKS = 8
 _MIN_QUERY_BLOCK = 64
 
 
-def _causal_attention(q_BTKGH, k, v, mask_BTS, kv_spec):
+def _causal_attention(q_BTKGH, k, v, mask_BTS, k_spec, v_spec):
   """`_attend` for a sequence attending to itself (S = T) under a causal mask_BTS: keys after a
   query block's last query are masked for all of it, so they are left out, not computed."""
   T = q_BTKGH.shape[1]
   blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
   edges = [round(i * T / blocks) for i in range(blocks + 1)]
-  keys = lambda x, b: jax.lax.slice_in_dim(x, 0, b, axis=kv_spec.index("S"))  # noqa: E731
-  outs = [_attend(q_BTKGH[:, a:b], keys(k, b), keys(v, b), mask_BTS[:, a:b, :b], kv_spec)
+  first = lambda x, spec, b: jax.lax.slice_in_dim(x, 0, b, axis=spec.index("S"))  # noqa: E731
+  outs = [_attend(q_BTKGH[:, a:b], first(k, k_spec, b), first(v, v_spec, b),
+                  mask_BTS[:, a:b, :b], k_spec, v_spec)
           for a, b in zip(edges[:-1], edges[1:])]
   return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
 
@@ -524,18 +543,19 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False):
-  """An empty KV cache: k and v of shape [L, B, K, S, H] (heads before slots: decode attention
-  reads each head's slots contiguously, no transpose of the cache per step).
+  """An empty KV cache: k [L, B, K, H, S] and v [L, B, K, S, H] (CACHE_LAYOUT, behind a layer
+  axis).
 
   per_layer=True gives k and v as tuples of L buffers [B, K, S, H] instead: each layer's buffer is
   then updated in place and read by attention directly, where slicing a layer out of the stacked
   buffer costs a copy of it per step (the form the sampler's decode loop carries)."""
   dtype = _dtype(cfg.dtype) if dtype is None else dtype
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  sizes = dict(B=batch, K=cfg.n_kv_heads, S=length, H=cfg.head_dim)
+  shapes = {name: tuple(sizes[a] for a in spec) for name, spec in CACHE_LAYOUT.items()}
   if per_layer:
     return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-            for name in ("k", "v")}
-  return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name in ("k", "v")}
+            for name, shape in shapes.items()}
+  return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name, shape in shapes.items()}
 
 
 def unstack_layers(params: Params) -> Params:
@@ -562,7 +582,7 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, ca
   Returns (logits [B, T, V] float32 ([B, 1, V] with last_only), new cache).
   """
   stacked_cache = not isinstance(cache["k"], (tuple, list))
-  S = cache["k"].shape[3] if stacked_cache else cache["k"][0].shape[2]
+  S = (cache["k"] if stacked_cache else cache["k"][0]).shape[CACHE_SLOT_AXIS["k"] + stacked_cache]
   T = tokens_BT.shape[1]
   slot_S = jnp.arange(S)
   query_slot_BT = cache_pos_B[:, None] + jnp.arange(T)[None, :]

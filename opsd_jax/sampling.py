@@ -3,10 +3,10 @@
 How a call runs (`generate`):
   1. Prompts are left-padded to the smallest configured bucket that holds the longest one, so the
      number of distinct shapes (and compiles) stays bounded (gemma's approach).
-  2. Each *distinct* prompt is prefilled once into a prompt cache (per layer [U, K, P, H]); the
-     logits of its last position give the first token's distribution. The `num_samples` rows of a
-     prompt (GRPO group) copy that cache instead of recomputing it (big_vision's "prefill once,
-     repeat n").
+  2. Each *distinct* prompt is prefilled once into a prompt cache (per layer, U rows of P slots);
+     the logits of its last position give the first token's distribution. The `num_samples` rows
+     of a prompt (GRPO group) copy that cache instead of recomputing it (big_vision's "prefill
+     once, repeat n").
   3. Decode runs in slots. A slot holds one (prompt, sample) row: its cache row is
      [prompt | generated tokens], written at a per-row position. Each step samples one token per
      active slot, writes it to the outputs, then feeds it through the model (`forward_cached` with
@@ -230,6 +230,15 @@ def sample_logits(logits_BV, u_B, temperature: float, top_k: int, top_p: float):
   return token.astype(jnp.int32), logprob, learner
 
 
+def _along_slots(name, slots, rows, other):
+  """An index (or jnp.pad widths) over the axes of a per-layer cache buffer `name` (k or v, laid
+  out as model.CACHE_LAYOUT): `rows` on the batch axis, `slots` on the slot axis, `other` on
+  the head axes."""
+  out = [other] * 4
+  out[0], out[model.CACHE_SLOT_AXIS[name]] = rows, slots
+  return tuple(out)
+
+
 def _gather(x_BV, idx_B):
   return jnp.take_along_axis(x_BV, idx_B[:, None], -1)[:, 0]
 
@@ -248,7 +257,7 @@ class _LoopState:
   slot_done: jax.Array     # [B]
   slot_plen: jax.Array     # [B] real prompt length of the row (positions)
   logits: jax.Array        # [B, V] next-token logits
-  cache: dict              # k, v: L buffers [B, K, S, H] each (S grows by phase, see _phase_ends)
+  cache: dict              # k, v: L buffers each, model.CACHE_LAYOUT (S grows by phase)
   kv_mask: jax.Array       # [B, S]
   slot_out: tuple          # tokens, logprobs, learner [B, T_new + 1] of each slot's current row
   slot_finished: jax.Array  # [B] the slot's row stopped on EOS
@@ -310,7 +319,8 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     if B < N:  # continuous: the rows these slots held so far go to the outputs first
       state = flush(state, slot_W)
     put = lambda x, value: x.at[slot_W].set(value, mode="drop")  # noqa: E731
-    cache = {name: tuple(buf.at[slot_W, :, :Pw].set(prompt_buf[u_W], mode="drop")
+    cache = {name: tuple(buf.at[_along_slots(name, slice(Pw), slot_W, slice(None))].set(
+                             prompt_buf[u_W], mode="drop")
                          for buf, prompt_buf in zip(bufs, prompt_cache[name]))
              for name, bufs in state.cache.items()}
     S = state.kv_mask.shape[1]
@@ -391,8 +401,10 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     if phase:  # a longer cache: the new slots are empty and, being after every query, unread
       grow = end - ends[phase - 1]
       state = state.replace(
-          cache=constrain_cache(jax.tree.map(
-              lambda buf: jnp.pad(buf, ((0, 0), (0, 0), (0, grow), (0, 0))), state.cache)),
+          cache=constrain_cache({
+              name: tuple(jnp.pad(buf, _along_slots(name, (0, grow), (0, 0), (0, 0)))
+                          for buf in bufs)
+              for name, bufs in state.cache.items()}),
           kv_mask=jnp.pad(state.kv_mask, ((0, 0), (0, grow)), constant_values=True))
     # The last phase has no step bound: continuous batching runs until every row is done.
     last = phase == len(ends) - 1

@@ -77,7 +77,9 @@ def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
                                  jnp.zeros(B, jnp.int32), mask[:, :P])
   real = mask[:, :P]
   np.testing.assert_allclose(np.asarray(logits)[real], full[:, :P][real], atol=1e-5, rtol=1e-5)
-  cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, new), (0, 0))), cache)
+  cache = {name: tuple(jnp.pad(x, [(0, new) if axis == model.CACHE_SLOT_AXIS[name] else (0, 0)
+                                   for axis in range(4)]) for x in bufs)
+           for name, bufs in cache.items()}
   for t in range(P, P + new):
     logits, cache = forward_cached(CFG, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache,
                                    jnp.full(B, t, jnp.int32), mask)
@@ -86,8 +88,9 @@ def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
 
 def test_prefill_in_chunks_into_a_filled_cache_equals_full_forward(params):
   """T > 1 new tokens at cache_pos > 0 (a chunked prefill): they attend to the cache as it was and,
-  causally, to each other; rows at different positions, one left-padded. Then one decode step."""
-  B, S = 2, 12
+  causally, to each other; rows at different positions, one left-padded. Then one decode step.
+  The middle chunk is head_dim (16) tokens long: only a chunk as long as the cache is a prefill."""
+  B, S = 2, 22
   tokens = _tokens((B, S), seed=7)
   mask = np.ones((B, S), bool)
   mask[1, :3] = False
@@ -96,7 +99,7 @@ def test_prefill_in_chunks_into_a_filled_cache_equals_full_forward(params):
   positions = np.asarray(model.positions_from_mask(mask))
   cache = model.init_cache(CFG, B, S, per_layer=True)
   kv_mask = np.zeros((B, S), bool)
-  for start, end in ((0, 5), (5, 11), (11, 12)):
+  for start, end in ((0, 5), (5, 21), (21, 22)):
     kv_mask[:, start:end] = mask[:, start:end]
     logits, cache = forward_cached(CFG, params, tokens[:, start:end], positions[:, start:end],
                                    cache, jnp.full(B, start, jnp.int32), kv_mask)
@@ -236,7 +239,7 @@ def test_causal_attention_in_query_blocks_equals_one_pass(T):
 
   def per_head(attention):  # [B, T, N, H] in and out, as the reference takes them
     def fn(q, k, v):
-      out = attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH")
+      out = attention(q.reshape(B, T, K, N // K, H), k, v, jnp.asarray(mask), "BSKH", "BSKH")
       return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     return fn
 
