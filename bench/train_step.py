@@ -6,6 +6,9 @@ FLOPs counted as executed matmul work: 6 x (non-embedding params + unembedding) 
 for forward + backward, plus 12 x L x T x heads x head_dim per token for attention (full T x T
 scores, as computed); the OPSD teacher adds a forward (a third of that) over its own tokens.
 
+Also the SFT step's matmuls alone (`dots_floor`), jitted at the step's shapes, and the share of
+the SFT step's time they account for.
+
   python bench/train_step.py [--iters 3] [--batch 8] [--seq 512]
 """
 import argparse
@@ -59,6 +62,49 @@ def matmul_peak(n=2048, iters=10):
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * n ** 3 / best
+
+
+def dots_floor(batch, seq, iters):
+  """The SFT step's matmuls alone, jitted, at the shapes the step runs them: per layer each
+  projection's forward, input gradient and weight gradient, and causal attention's six dots per
+  query block (the model's own blocks: scores, output, and their four gradients); then the
+  unembedding's three. No norm, softmax, activation, loss or optimizer work: what the step would
+  take if everything but its matmuls were free, at XLA's matmul rates on this machine. Returns
+  seconds per step (each part the median of `iters`)."""
+  cfg, M = CFG, batch * seq
+  D, F, H, K = cfg.d_model, cfg.mlp_dim, cfg.head_dim, cfg.n_kv_heads
+  G = cfg.n_heads // K
+  shapes = [(D, cfg.n_heads * H), (D, K * H), (D, K * H), (cfg.n_heads * H, D),
+            (D, F), (D, F), (F, D)]
+  blocks = max(1, min(model._CAUSAL_BLOCKS, seq // model._MIN_QUERY_BLOCK))
+  edges = [round(i * seq / blocks) for i in range(blocks + 1)]
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+
+  @jax.jit
+  def layer(xs, ws, dys, q, k, v, d_out):
+    outs = []
+    for x, w, dy in zip(xs, ws, dys):
+      outs += [x @ w, dy @ w.T, x.T @ dy]
+    for a, b in zip(edges[:-1], edges[1:]):  # q, d_out [B*K, G, T, H]; k, v [B*K, S, H]
+      qb, db, kb, vb = q[:, :, a:b], d_out[:, :, a:b], k[:, :b], v[:, :b]
+      p = jnp.einsum("ngth,nsh->ngts", qb, kb)
+      d_p = jnp.einsum("ngth,nsh->ngts", db, vb)
+      outs += [jnp.einsum("ngts,nsh->ngth", p, vb), jnp.einsum("ngts,ngth->nsh", p, db),
+               jnp.einsum("ngts,nsh->ngth", d_p, kb), jnp.einsum("ngts,ngth->nsh", d_p, qb)]
+    return outs
+
+  @jax.jit
+  def unembed(x, w, dy):
+    return x @ w, dy @ w.T, x.T @ dy
+
+  layer_args = ([normal(M, a) for a, _ in shapes], [normal(a, b) for a, b in shapes],
+                [normal(M, b) for _, b in shapes], normal(batch * K, G, seq, H),
+                normal(batch * K, seq, H), normal(batch * K, seq, H), normal(batch * K, G, seq, H))
+  unembed_args = normal(M, D), normal(D, cfg.vocab_size), normal(M, cfg.vocab_size)
+  per_layer = timed(lambda: jax.block_until_ready(layer(*layer_args)), iters)
+  head = timed(lambda: jax.block_until_ready(unembed(*unembed_args)), iters)
+  return cfg.n_layers * per_layer + head
 
 
 def jax_steps(batch, seq, iters):
@@ -145,6 +191,13 @@ def main():
     print(json.dumps({"bench": "train_step", "impl": "pytorch_eager", "stage": "sft",
                       "step_s": round(seconds, 3), "tokens_per_s": round(torch_tok_s, 1),
                       "mfu": round(flops / seconds / peak, 3), "threads": threads}), flush=True)
+  floor = dots_floor(args.batch, args.seq, args.iters)
+  floor_flops = tokens * flops_per_token(CFG, args.seq)
+  print(json.dumps({"bench": "train_step", "impl": "matmuls_alone", "stage": "sft",
+                    "step_s": round(floor, 3), "tokens_per_s": round(tokens / floor, 1),
+                    "mfu": round(floor_flops / floor / peak, 3)}
+                   | ({"speedup_vs_pytorch": round(tokens / floor / torch_tok_s, 2)}
+                      if torch_tok_s else {})), flush=True)
   results = jax_steps(args.batch, args.seq, args.iters)
   for name, (seconds, flops) in results.items():
     row = {"bench": "train_step", "impl": "opsd_jax", "stage": name, "device": device,
@@ -153,6 +206,8 @@ def main():
            "mfu": round(flops / seconds / peak, 3)}
     if torch_tok_s:
       row["speedup_vs_pytorch"] = round(tokens / seconds / torch_tok_s, 2)
+    if name == "sft":
+      row["matmuls_alone_share"] = round(floor / seconds, 2)
     print(json.dumps(row), flush=True)
   print(json.dumps({"bench": "train_step_ratio", "opsd_over_sft_step_time":
                     round(results["opsd"][0] / results["sft"][0], 2)}), flush=True)
