@@ -142,8 +142,7 @@ def chunk_map(fn, xs, chunk: int):
   """
   leaves = jax.tree.leaves(xs)
   L = leaves[0].shape[1]
-  chunk = max(1, min(chunk, L))
-  n = -(-L // chunk)
+  n, chunk = _chunking(L, chunk)
   pad = n * chunk - L
 
   def split(x):
@@ -164,6 +163,14 @@ def chunk_map(fn, xs, chunk: int):
 def head_params(cfg, params):
   """The parameters `model.unembed` reads (tied embedding or lm_head), a sub-tree of params."""
   return {k: params[k] for k in (("embed",) if cfg.tie_embeddings else ("lm_head",))}
+
+
+def _chunking(L, chunk):
+  """(number of chunks, chunk length) covering L positions with chunks of at most `chunk`, as
+  even as possible: 384 positions in chunks of at most 256 run as 2 x 192, not 2 x 256 with a
+  third of the second chunk padding (unembedded and divided over V like real positions)."""
+  n = -(-L // max(1, min(chunk, L)))
+  return n, -(-L // n)
 
 
 def _split_chunks(x, chunk, n):
@@ -194,8 +201,7 @@ def linear_chunk_loss(fn, head, h_BLD, xs, consts, coef_BL, chunk):
 
 def _linear_chunk_loss_fwd(fn, head, h_BLD, xs, consts, coef_BL, chunk, with_grad=True):
   L = h_BLD.shape[1]
-  chunk = max(1, min(chunk, L))
-  n = -(-L // chunk)
+  n, chunk = _chunking(L, chunk)
   chunked = jax.tree.map(lambda x: _split_chunks(x, chunk, n), (h_BLD, xs, coef_BL))
 
   def body(carry, x):

@@ -85,6 +85,15 @@ def test_logprobs_chunked_rejects_out_of_range_start(params):
     losses.logprobs_chunked(CFG, params, tokens, mask, 0, C, 1.0, 4)
 
 
+def test_chunks_are_at_most_the_requested_length_and_pad_less_than_one_per_chunk():
+  """Chunks of at most `chunk` cover L with fewer than n padded positions (384 -> 2 x 192)."""
+  assert losses._chunking(384, 256) == (2, 192)
+  for L in range(1, 300):
+    for chunk in (1, 7, 64, 256, 1000):
+      n, length = losses._chunking(L, chunk)
+      assert length <= chunk and n == -(-L // min(chunk, L)) and 0 <= n * length - L < n
+
+
 def test_chunk_map_never_materialises_full_logits(params):
   """The compiled gradient of the chunked log-probs needs far less temp memory than [B, T, V]."""
   cfg = CFG.replace(vocab_size=16384)  # V >> T so that logits, not attention, dominate
