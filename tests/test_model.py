@@ -284,6 +284,19 @@ def test_swiglu_hand_written_backward_equals_autodiff(lora_on):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_tied_unembedding_hand_written_backward_equals_autodiff():
+  """The tied unembedding's backward (table gradient as (h^T d)^T) equals autodiff of h @ E^T."""
+  rng = np.random.default_rng(1)
+  h, table, d_logits = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                        for s in [(2, 5, 6), (11, 6), (2, 5, 11)])
+  want, want_vjp = jax.vjp(lambda h, e: h @ e.T, h, table)
+  got, got_vjp = jax.vjp(model._tied_unembed, h, table)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for g, r in zip(got_vjp(d_logits), want_vjp(d_logits)):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec, x_shape, k_shape", [
     ("BTD,DNH->BTNH", (2, 3, 4), (4, 5, 6)),     # flattened: one [6, 4] x [4, 30] dot
     ("BTNH,NHD->BTD", (2, 3, 5, 6), (5, 6, 4)),  # flattened over two contracted dims
