@@ -76,8 +76,7 @@ def dots_floor(batch, seq, iters):
   G = cfg.n_heads // K
   shapes = [(D, cfg.n_heads * H), (D, K * H), (D, K * H), (cfg.n_heads * H, D),
             (D, F), (D, F), (F, D)]
-  blocks = max(1, min(model._CAUSAL_BLOCKS, seq // model._MIN_QUERY_BLOCK))
-  edges = [round(i * seq / blocks) for i in range(blocks + 1)]
+  edges = model.causal_block_edges(seq)
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
 

@@ -17,7 +17,8 @@ lora_b [L, r, out dims] (float32; see `_lora_update`; opsd_jax/lora.py splits an
 Two entry points: `forward` (full sequence, no cache) and `forward_cached` (writes T new tokens
 into a KV cache at a per-row slot and attends to everything the cache holds; prefill is T = the
 prompt length, decode is T = 1). The cached path runs layers unrolled, over a stacked cache
-[L, B, K, S, H] or one buffer per layer (`init_cache(per_layer=True)`, copy-free in a decode loop).
+(CACHE_LAYOUT behind a layer axis) or one buffer per layer (`init_cache(per_layer=True)`,
+copy-free in a decode loop).
 """
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ CACHE_SLOT_AXIS = {name: spec.index("S") for name, spec in CACHE_LAYOUT.items()}
 # A row's new keys or values [T, K, H] (their T slots) transposed to a buffer row's layout.
 _CACHE_PERM = {name: tuple("SKH".index(a) for a in spec[1:])
                for name, spec in CACHE_LAYOUT.items()}
+
+
+def along_cache_slots(name, slots, rows, other):
+  """An index (or jnp.pad widths) over the axes of one layer's cache buffer `name` (k or v, in
+  CACHE_LAYOUT): `rows` on the batch axis, `slots` on the slot axis, `other` on the head axes."""
+  out = [other] * 4
+  out[0], out[CACHE_SLOT_AXIS[name]] = rows, slots
+  return tuple(out)
 
 
 def _dtype(name: str):
@@ -236,17 +245,21 @@ _CAUSAL_BLOCKS = 8
 _MIN_QUERY_BLOCK = 64
 
 
+def causal_block_edges(T: int) -> list[int]:
+  """Query block boundaries [0, ..., T] of `_causal_attention` over T positions."""
+  blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
+  return [round(i * T / blocks) for i in range(blocks + 1)]
+
+
 def _causal_attention(q_BTKGH, k, v, mask_BTS, k_spec, v_spec):
   """`_attend` for a sequence attending to itself (S = T) under a causal mask_BTS: keys after a
   query block's last query are masked for all of it, so they are left out, not computed."""
-  T = q_BTKGH.shape[1]
-  blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
-  edges = [round(i * T / blocks) for i in range(blocks + 1)]
+  edges = causal_block_edges(q_BTKGH.shape[1])
   first = lambda x, spec, b: jax.lax.slice_in_dim(x, 0, b, axis=spec.index("S"))  # noqa: E731
   outs = [_attend(q_BTKGH[:, a:b], first(k, k_spec, b), first(v, v_spec, b),
                   mask_BTS[:, a:b, :b], k_spec, v_spec)
           for a, b in zip(edges[:-1], edges[1:])]
-  return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
 class _Kernel(nn.Module):
@@ -425,8 +438,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer: carry = (x, this layer's cache {"k", "v"} [B, K, S, H] or None), so a
-  scan over layers (training) and the unrolled cached forward share it."""
+  """One pre-norm layer: carry = (x, this layer's cache {"k", "v"} (CACHE_LAYOUT) or None), so
+  a scan over layers (training) and the unrolled cached forward share it."""
   cfg: ModelConfig
 
   @nn.compact
@@ -578,7 +591,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
   """An empty KV cache: k [L, B, K, H, S] and v [L, B, K, S, H] (CACHE_LAYOUT, behind a layer
   axis).
 
-  per_layer=True gives k and v as tuples of L buffers [B, K, S, H] instead: each layer's buffer is
+  per_layer=True gives k and v as tuples of L buffers (CACHE_LAYOUT) instead: each layer's buffer is
   then updated in place and read by attention directly, where slicing a layer out of the stacked
   buffer costs a copy of it per step (the form the sampler's decode loop carries)."""
   dtype = _dtype(cfg.dtype) if dtype is None else dtype

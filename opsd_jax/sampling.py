@@ -230,15 +230,6 @@ def sample_logits(logits_BV, u_B, temperature: float, top_k: int, top_p: float):
   return token.astype(jnp.int32), logprob, learner
 
 
-def _along_slots(name, slots, rows, other):
-  """An index (or jnp.pad widths) over the axes of a per-layer cache buffer `name` (k or v, laid
-  out as model.CACHE_LAYOUT): `rows` on the batch axis, `slots` on the slot axis, `other` on
-  the head axes."""
-  out = [other] * 4
-  out[0], out[model.CACHE_SLOT_AXIS[name]] = rows, slots
-  return tuple(out)
-
-
 def _gather(x_BV, idx_B):
   return jnp.take_along_axis(x_BV, idx_B[:, None], -1)[:, 0]
 
@@ -319,8 +310,8 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
     if B < N:  # continuous: the rows these slots held so far go to the outputs first
       state = flush(state, slot_W)
     put = lambda x, value: x.at[slot_W].set(value, mode="drop")  # noqa: E731
-    cache = {name: tuple(buf.at[_along_slots(name, slice(Pw), slot_W, slice(None))].set(
-                             prompt_buf[u_W], mode="drop")
+    cache = {name: tuple(buf.at[model.along_cache_slots(name, slice(Pw), slot_W, slice(None))]
+                         .set(prompt_buf[u_W], mode="drop")
                          for buf, prompt_buf in zip(bufs, prompt_cache[name]))
              for name, bufs in state.cache.items()}
     S = state.kv_mask.shape[1]
@@ -402,7 +393,7 @@ def _generate_jit(params, ids_UP, mask_UP, prompt_of_row_N, rng, *, cfg, num_row
       grow = end - ends[phase - 1]
       state = state.replace(
           cache=constrain_cache({
-              name: tuple(jnp.pad(buf, _along_slots(name, (0, grow), (0, 0), (0, 0)))
+              name: tuple(jnp.pad(buf, model.along_cache_slots(name, (0, grow), (0, 0), (0, 0)))
                           for buf in bufs)
               for name, bufs in state.cache.items()}),
           kv_mask=jnp.pad(state.kv_mask, ((0, 0), (0, grow)), constant_values=True))

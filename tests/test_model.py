@@ -77,8 +77,8 @@ def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
                                  jnp.zeros(B, jnp.int32), mask[:, :P])
   real = mask[:, :P]
   np.testing.assert_allclose(np.asarray(logits)[real], full[:, :P][real], atol=1e-5, rtol=1e-5)
-  cache = {name: tuple(jnp.pad(x, [(0, new) if axis == model.CACHE_SLOT_AXIS[name] else (0, 0)
-                                   for axis in range(4)]) for x in bufs)
+  cache = {name: tuple(jnp.pad(x, model.along_cache_slots(name, (0, new), (0, 0), (0, 0)))
+                       for x in bufs)
            for name, bufs in cache.items()}
   for t in range(P, P + new):
     logits, cache = forward_cached(CFG, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache,
