@@ -13,6 +13,8 @@ Each line: {"bench", "batch", "impl", "tok_s" | "ms_per_token" | "seconds", ...}
   hf       transformers generate (PyTorch CPU, use_cache=True, sampling, min_new_tokens = max);
   tunix    tunix's Sampler in /tmp/tunix-venv (a subprocess; skipped with a note if absent);
   floor    one decode step's weight matmuls alone, jitted: no decoder of this model beats it here.
+  bandwidth_bound  (position) the 1024/128 ratio if the longer context cost only the read of its
+           extra cache bytes at this machine's stream rate, added to our 128-token step.
 """
 from __future__ import annotations
 
@@ -161,9 +163,22 @@ def bench_tunix(path, repeats):
     emit(bench="decode", impl="tunix", note="failed: " + proc.stderr.strip()[-600:])
 
 
+def stream_bytes_per_s(nbytes, repeats):
+  """This machine's read rate over nbytes of float32: a jitted sum, the best of repeats + 4 runs."""
+  x = jnp.ones((nbytes // 4 // 1024, 1024), jnp.float32)
+  total = jax.jit(lambda x: x.sum(0))
+  return x.nbytes / timed(lambda: jax.block_until_ready(total(x)), repeats + 4)
+
+
 def bench_position(params, repeats):
   """Decode time per token with the context at ~128 and ~1024 tokens: the difference between
-  65 and 1 new tokens from the same prompt, over 64 tokens (prefill cancels)."""
+  65 and 1 new tokens from the same prompt, over 64 tokens (prefill cancels).
+
+  Beside it, what that ratio is when the longer context costs nothing but its extra bytes: every
+  step at 1024 reads 896 more slots of every layer's keys and values; their read time at this
+  machine's stream rate (measured here), added to our 128-token step. A lower ratio needs that
+  read overlapped with the step's other work."""
+  extra_slots = 1024 - 128
   for batch in (1, 8):
     per_token = {}
     for length in (128, 1024):
@@ -176,6 +191,12 @@ def bench_position(params, repeats):
            ms_per_token=per_token[length] * 1e3)
     emit(bench="position", batch=batch, impl="opsd_jax",
          ratio_1024_over_128=per_token[1024] / per_token[128])
+    extra_bytes = (2 * CFG.n_layers * batch * CFG.n_kv_heads * CFG.head_dim * extra_slots
+                   * jnp.dtype(CFG.dtype).itemsize)
+    rate = stream_bytes_per_s(extra_bytes, repeats)
+    emit(bench="position", batch=batch, impl="bandwidth_bound", extra_cache_MB=extra_bytes / 2**20,
+         stream_GB_s=rate / 1e9, extra_ms_per_token=extra_bytes / rate * 1e3,
+         ratio_if_extra_read_at_stream_rate=1 + extra_bytes / rate / per_token[128])
 
 
 def bench_skewed(params, repeats):
