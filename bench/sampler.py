@@ -163,11 +163,11 @@ def bench_tunix(path, repeats):
     emit(bench="decode", impl="tunix", note="failed: " + proc.stderr.strip()[-600:])
 
 
-def stream_bytes_per_s(nbytes, repeats):
-  """This machine's read rate over nbytes of float32: a jitted sum, the best of repeats + 4 runs."""
+def stream_bytes_per_s(nbytes):
+  """This machine's read rate over nbytes of float32: a jitted sum, the best of 20 runs."""
   x = jnp.ones((nbytes // 4 // 1024, 1024), jnp.float32)
   total = jax.jit(lambda x: x.sum(0))
-  return x.nbytes / timed(lambda: jax.block_until_ready(total(x)), repeats + 4)
+  return x.nbytes / timed(lambda: jax.block_until_ready(total(x)), 20)
 
 
 def bench_position(params, repeats):
@@ -193,7 +193,7 @@ def bench_position(params, repeats):
          ratio_1024_over_128=per_token[1024] / per_token[128])
     extra_bytes = (2 * CFG.n_layers * batch * CFG.n_kv_heads * CFG.head_dim * extra_slots
                    * jnp.dtype(CFG.dtype).itemsize)
-    rate = stream_bytes_per_s(extra_bytes, repeats)
+    rate = stream_bytes_per_s(extra_bytes)
     emit(bench="position", batch=batch, impl="bandwidth_bound", extra_cache_MB=extra_bytes / 2**20,
          stream_GB_s=rate / 1e9, extra_ms_per_token=extra_bytes / rate * 1e3,
          ratio_if_extra_read_at_stream_rate=1 + extra_bytes / rate / per_token[128])
