@@ -13,8 +13,8 @@ Each line: {"bench", "batch", "impl", "tok_s" | "ms_per_token" | "seconds", ...}
   hf       transformers generate (PyTorch CPU, use_cache=True, sampling, min_new_tokens = max);
   tunix    tunix's Sampler in /tmp/tunix-venv (a subprocess; skipped with a note if absent);
   floor    one decode step's weight matmuls alone, jitted: no decoder of this model beats it here.
-  bandwidth_bound  (position) the 1024/128 ratio if the longer context cost only the read of its
-           extra cache bytes at this machine's stream rate, added to our 128-token step.
+  stream_rate  (position) the 1024/128 ratio if the longer context cost only the read of its
+      extra cache bytes at this machine's stream rate, added to our 128-token step.
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def bench_position(params, repeats):
     extra_bytes = (2 * CFG.n_layers * batch * CFG.n_kv_heads * CFG.head_dim * extra_slots
                    * jnp.dtype(CFG.dtype).itemsize)
     rate = stream_bytes_per_s(extra_bytes)
-    emit(bench="position", batch=batch, impl="bandwidth_bound", extra_cache_MB=extra_bytes / 2**20,
+    emit(bench="position", batch=batch, impl="stream_rate", extra_cache_MiB=extra_bytes / 2**20,
          stream_GB_s=rate / 1e9, extra_ms_per_token=extra_bytes / rate * 1e3,
          ratio_if_extra_read_at_stream_rate=1 + extra_bytes / rate / per_token[128])
 
