@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from opsd_jax import model, parallel  # noqa: E402
+from opsd_jax import host_malloc, model, parallel  # noqa: E402
 from opsd_jax.config import ModelConfig, default_config  # noqa: E402
 from opsd_jax.train import optim, state as state_lib, steps  # noqa: E402
 
@@ -177,6 +177,9 @@ def main():
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args()
+  # As the main job does (before JAX starts); PyTorch, in this process, gets the same malloc.
+  print(json.dumps({"bench": "host_malloc", "reuse_host_temporaries":
+                    host_malloc.reuse_host_temporaries()}), flush=True)
   tokens = args.batch * args.seq
   peak = matmul_peak()
   device = jax.devices()[0].device_kind

@@ -38,7 +38,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every array it writes at INFO
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
-  from opsd_jax import parallel
+  from opsd_jax import host_malloc, parallel
+  try:
+    host_malloc.reuse_host_temporaries()  # before JAX starts: XLA:CPU's threads bind to it then
+  except ValueError as e:
+    return _fail("error", e, 2)
   # Multi-host: join the other processes first, so the mesh check below sees every device.
   parallel.initialize_distributed()
   try:
