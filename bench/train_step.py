@@ -176,10 +176,13 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
+                      help="reuse: host_malloc.reuse_host_temporaries() (what CPU training of a "
+                           "model this size should run with); system: glibc's defaults")
   args = parser.parse_args()
-  # As the main job does (before JAX starts); PyTorch, in this process, gets the same malloc.
-  print(json.dumps({"bench": "host_malloc", "reuse_host_temporaries":
-                    host_malloc.reuse_host_temporaries()}), flush=True)
+  # Before JAX starts; PyTorch, in this process, gets the same malloc.
+  reused = args.malloc == "reuse" and host_malloc.reuse_host_temporaries()
+  print(json.dumps({"bench": "host_malloc", "reuse_host_temporaries": reused}), flush=True)
   tokens = args.batch * args.seq
   peak = matmul_peak()
   device = jax.devices()[0].device_kind

@@ -6,17 +6,20 @@ glibc serves blocks that big with a fresh mmap and returns them with munmap, so 
 page-faults its whole working set in again (the kernel zeroing every page) and unmaps it after:
 0.7 s of system time per 2.3 s SFT step on a 2-core AMD EPYC. Served from the main heap, never
 trimmed, the next step reuses the same, already-mapped pages: the same step takes 1.9-2.0 s.
+(PyTorch's CPU tuning guides recommend jemalloc or tcmalloc for the same reason.)
 
-The cost is memory: other allocations split a freed block now and then, and the heap grows by a
-block. Measured: it grew twice within the first 12 steps (one slow step each, 5 s at 2 GB), then
-stayed flat for 100 steps (2 GB block) and 300 steps (0.5 GB block), so the process holds about
-two blocks more than glibc's defaults would. OPSD_JAX_HOST_MALLOC=system keeps glibc's defaults.
+The costs: other allocations split a freed block now and then, and the heap grows by a block.
+Measured: it grew twice within the first 12 steps (one slow step each, 5 s at 2 GB), then stayed
+flat for 100 steps (2 GB block) and 300 steps (0.5 GB block), so the process holds about two
+blocks more than with glibc's defaults. And with one arena every thread's malloc takes the same
+lock: the toy pipeline (small temporaries, many short executions) ran 10-15 % slower with it
+(tests/test_pipeline.py 93-97 s against 80-88 s). So it is opt-in: OPSD_JAX_HOST_MALLOC=reuse for
+the CLI (`configure_from_env`), on for bench/train_step.py.
 
-The setting is process-wide and binds a thread at its first malloc, so `reuse_host_temporaries`
-must run before JAX starts its backend (before the first device query or computation); entry
-points call it first thing. It is skipped where it would not help: when a TPU or GPU will run the
-computations (host mallocs there are the input pipeline's, which the per-thread heaps serve
-better), off glibc (macOS), or once a backend has started.
+The setting is process-wide and binds a thread at its first malloc, so it must be made before JAX
+starts its backend (before the first device query or computation). It is skipped where it would
+not help: when a TPU or GPU will run the computations, off glibc (macOS), or once a backend has
+started.
 """
 from __future__ import annotations
 
@@ -30,17 +33,21 @@ from absl import logging
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-ENV = "OPSD_JAX_HOST_MALLOC"  # "reuse" (default) or "system" (glibc's defaults)
+ENV = "OPSD_JAX_HOST_MALLOC"  # "system" (glibc's defaults, the default) or "reuse"
+
+
+def configure_from_env() -> bool:
+  """reuse_host_temporaries() when $OPSD_JAX_HOST_MALLOC is "reuse"; glibc's defaults when it is
+  "system" or unset. Returns whether the setting was made."""
+  choice = os.environ.get(ENV, "system")
+  if choice not in ("reuse", "system"):
+    raise ValueError(f"${ENV}={choice!r}: expected 'reuse' or 'system'")
+  return choice == "reuse" and reuse_host_temporaries()
 
 
 def reuse_host_temporaries() -> bool:
   """Sets glibc's malloc to serve large blocks from one never-trimmed heap when XLA:CPU will do
-  the computing, unless $OPSD_JAX_HOST_MALLOC is "system". Returns whether it was set."""
-  choice = os.environ.get(ENV, "reuse")
-  if choice not in ("reuse", "system"):
-    raise ValueError(f"${ENV}={choice!r}: expected 'reuse' or 'system'")
-  if choice == "system":
-    return False
+  the computing. Returns whether it was set."""
   from jax._src import xla_bridge
   if xla_bridge.backends_are_initialized():
     logging.info("host_malloc: JAX's backend already started; malloc settings left as they are")

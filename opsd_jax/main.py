@@ -40,7 +40,7 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   from opsd_jax import host_malloc, parallel
   try:
-    host_malloc.reuse_host_temporaries()  # before JAX starts: XLA:CPU's threads bind to it then
+    host_malloc.configure_from_env()  # before JAX starts: XLA:CPU's threads bind to it then
   except ValueError as e:
     return _fail("error", e, 2)
   # Multi-host: join the other processes first, so the mesh check below sees every device.

@@ -51,9 +51,11 @@ def test_only_when_xla_cpu_computes(platforms, accelerator, expected):
   assert host_malloc.computes_on_cpu(platforms, accelerator) is expected
 
 
-def test_system_keeps_glibc_defaults_and_a_bad_choice_is_named(monkeypatch):
+def test_the_cli_reuses_only_when_asked_and_a_bad_choice_is_named(monkeypatch):
+  monkeypatch.delenv(host_malloc.ENV, raising=False)
+  assert host_malloc.configure_from_env() is False
   monkeypatch.setenv(host_malloc.ENV, "system")
-  assert host_malloc.reuse_host_temporaries() is False
+  assert host_malloc.configure_from_env() is False
   monkeypatch.setenv(host_malloc.ENV, "jemalloc")
   with pytest.raises(ValueError, match="OPSD_JAX_HOST_MALLOC='jemalloc'"):
-    host_malloc.reuse_host_temporaries()
+    host_malloc.configure_from_env()
