@@ -9,7 +9,7 @@ scores, as computed); the OPSD teacher adds a forward (a third of that) over its
 Also the SFT step's matmuls alone (`dots_floor`), jitted at the step's shapes, and the share of
 the SFT step's time they account for.
 
-  python bench/train_step.py [--iters 3] [--batch 8] [--seq 512]
+  python bench/train_step.py [--iters 3] [--batch 8] [--seq 512] [--malloc reuse|system]
 """
 import argparse
 import json

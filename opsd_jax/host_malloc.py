@@ -10,7 +10,7 @@ trimmed, the next step reuses the same, already-mapped pages: the same step take
 
 The costs: other allocations split a freed block now and then, and the heap grows by a block.
 Measured: it grew twice within the first 12 steps (one slow step each, 5 s at 2 GB), then stayed
-flat for 100 steps (2 GB block) and 300 steps (0.5 GB block), so the process holds about two
+flat to step 250 (2 GB block) and 300 (0.5 GB block), so the process holds about two
 blocks more than with glibc's defaults. And with one arena every thread's malloc takes the same
 lock: the toy pipeline (small temporaries, many short executions) ran 10-15 % slower with it
 (tests/test_pipeline.py 93-97 s against 80-88 s). So it is opt-in: OPSD_JAX_HOST_MALLOC=reuse for

@@ -15,7 +15,7 @@ from opsd_jax import host_malloc
 _PROGRAM = """
 import json, resource, sys
 from opsd_jax import host_malloc
-applied = host_malloc.reuse_host_temporaries() if sys.argv[1] == "early" else None
+applied = host_malloc.configure_from_env() if sys.argv[1] != "late" else None
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a, b: ((a @ b) @ b.T).sum())
 a, b = jnp.ones((8192, 64)), jnp.ones((64, 8192))
@@ -29,17 +29,22 @@ print(json.dumps({"applied": applied,
 """
 
 
-def _run(when):
+def _run(when, choice="reuse"):
+  """when: "early" (configure_from_env before JAX starts, with $OPSD_JAX_HOST_MALLOC=choice) or
+  "late" (reuse_host_temporaries after JAX has run)."""
+  env = {k: v for k, v in os.environ.items() if k != host_malloc.ENV} | {"JAX_PLATFORMS": "cpu"}
+  if choice is not None:
+    env[host_malloc.ENV] = choice
   out = subprocess.run([sys.executable, "-c", _PROGRAM, when], capture_output=True, text=True,
-                       check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                       check=True, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or host_malloc._glibc() is None,
                     reason="glibc malloc only")
 def test_temporaries_reuse_their_pages_only_when_set_before_jax_starts():
-  early, late, unset = _run("early"), _run("late"), _run("unset")
-  assert early["applied"] is True and late["applied"] is False
+  early, late, unset = _run("early"), _run("late"), _run("early", choice=None)
+  assert early["applied"] is True and late["applied"] is False and unset["applied"] is False
   assert unset["faults"] > 30_000 and late["faults"] > 30_000, (unset, late)
   assert early["faults"] < 3_000, early
 
