@@ -179,15 +179,18 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      kind="toy",          # toy | jsonl
+      kind="toy",          # toy | jsonl (any file opsd_jax.data.load reads: .jsonl/.json/.parquet)
       train_path="",
-      test_path="",
+      test_path="",        # shorthand for one evaluation set (eval.sets names several)
       format="auto",       # auto | gsm8k | math
       on_bad_row="error",  # error | skip (skipped rows are counted)
       num_train=20000,
       num_test=500,
       difficulty=1,
   ))
+  # Which key of a row holds the problem, the reference solution and the answer, for a layout
+  # the loader does not know ("" = detect the layout from the row's keys).
+  c.data.fields = ml_collections.ConfigDict(dict(problem="", solution="", answer=""))
 
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, prompt_buckets=(64, 128, 256),
@@ -230,6 +233,10 @@ def default_config() -> ml_collections.ConfigDict:
       reduction="token",             # token | sequence
       rollout_filter="correct_only",  # all | correct_only | incorrect_only | split_direction
       student_thinking=True, teacher_thinking=True,
+      # A thinking-on teacher scoring a thinking-off student's answer sees this thought, closed
+      # (`<think>` thought `</think>`), so both score the answer after a closed thought.
+      teacher_thought="I have read the reference solution and understood it. Now I write the "
+                      "solution in my own words.",
       learning_rate=-1.0, warmup_steps=-1, eval_every=0, checkpoint_every=0))
 
   # LoRA for every stage (opsd_jax/lora.py): rank 0 = full fine-tuning. Only the adapters
@@ -240,7 +247,19 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       num_problems=500, samples_per_problem=1, temperature=0.0, top_p=1.0, top_k=0,
-      max_new_tokens=256, batch_size=128, verify_timeout_s=5.0))
+      max_new_tokens=256, batch_size=128, verify_timeout_s=5.0,
+      thinking="student",       # student (the mode the stage trained) | on | off
+      answer_after_think=True,  # grade only the text after </think> (reward and evaluation)
+  ))
+  # Named benchmarks: eval.sets.<name> = dict(path=..., num_problems=-1, samples_per_problem=-1)
+  # (-1: eval.num_problems / eval.samples_per_problem). Empty: data.test_path is the one set.
+  c.eval.sets = ml_collections.ConfigDict()
+
+  # Each stage's final parameters also as a Hugging Face directory (<workdir>/<stage>/hf).
+  c.export = ml_collections.ConfigDict(dict(hf=False))
+
+  # Local copies of remote (gs://, ...) init_from / tokenizer / data paths; "" = ~/.cache/opsd_jax.
+  c.cache_dir = ""
 
   # The paper's grid (experiments/toy_paper_grid.py): after the stages, one OPSD branch per
   # (rollout filter, divergence, seed), each from the last stage's parameters. Empty = no grid.
@@ -264,6 +283,7 @@ _CHOICES = {
     "data.kind": ("toy", "jsonl"),
     "data.format": ("auto", "gsm8k", "math"),
     "data.on_bad_row": ("error", "skip"),
+    "eval.thinking": ("student", "on", "off"),
     "optimizer.name": ("adamw", "adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "optimizer.state_dtype": ("param", "float32"),
@@ -406,9 +426,31 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   return cfg
 
 
+EVAL_SET_KEYS = dict(path="", num_problems=-1, samples_per_problem=-1)
+
+
+def _check_eval_sets(sets):
+  """eval.sets holds names the user chooses; each entry is a section of EVAL_SET_KEYS."""
+  for name in sets.keys():
+    entry = sets[name]
+    if not isinstance(entry, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(f"eval.sets.{name} must be a section with a path, got {entry!r}")
+    _check_keys(ml_collections.ConfigDict(dict(entry)), ml_collections.ConfigDict(EVAL_SET_KEYS),
+                f"eval.sets.{name}.")
+    if not entry.get("path"):
+      raise ConfigError(f"eval.sets.{name}.path must be set")
+    for key in ("num_problems", "samples_per_problem"):
+      value = entry.get(key, -1)
+      if value != -1 and value < 1:
+        raise ConfigError(f"eval.sets.{name}.{key} must be >= 1 (or -1: eval.{key}), got {value}")
+
+
 def _check_keys(cfg, reference, prefix):
   for key in cfg.keys():
     path = f"{prefix}{key}"
+    if path == "eval.sets":
+      _check_eval_sets(cfg[key])
+      continue
     if key not in reference:
       raise ConfigError(f"{path} is not a config key (known under {prefix or 'top level'}: "
                         f"{sorted(reference.keys())})")
