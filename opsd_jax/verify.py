@@ -9,8 +9,13 @@ outside the main thread (other frameworks then reward 0 for everything), and can
 C-level work such as a huge integer power. A killable process bounds every check.
 
 Verdict policy (tests/data/equivalence_cases.jsonl documents each case):
+- reasoning models (Qwen3) think inside `<think>...</think>` and answer after it, so by default
+  (`after_think`) only the text after the LAST `</think>` is read: a box inside the thought is a
+  draft; a `<think>` still open at the end (cut off, or never finished thinking) -> no answer; a
+  response without think tags (thinking-off models, the toy) is read whole.
 - the answer is the LAST `\\boxed{...}` / `\\fbox{...}` (brace-matched); no box -> the last `#### N`
   (GSM8K); neither, an empty box or an unterminated last box -> no answer -> incorrect.
+- a gold answer is a string or a list of acceptable strings (correct if equal to any).
 - equivalence is math-verify's (`parse` both sides, `verify(gold, answer)`), with two repairs:
   digit groups separated by thin spaces (`1\\,000`, `1 000`) are joined first, since math-verify
   reads them as the product 1*000 = 0; and a sentence's final period after a number (`5.`) is
@@ -52,6 +57,7 @@ _WORKER_START_TIMEOUT_S = 120.0
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 _GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def _to_text(text) -> str:
@@ -81,15 +87,38 @@ def _matching_brace(text: str, open_index: int) -> int | None:
   return None
 
 
-def extract_answer(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
-  """The content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed {...}`), brace-matched.
+def answer_region(text: str, after_think: bool = True) -> str | None:
+  """The part of a response that holds its final answer (None: it has none).
 
-  Falls back to the last `#### N` line (GSM8K) only when the text has no box at all. Returns None
-  when there is no answer, the answer is empty, or the last box is unterminated (a response cut off
-  inside its final box has no final answer; an earlier box is a draft, not the answer). Only the
-  last `max_chars` characters are searched.
+  With `after_think` (Qwen3's own evaluation): the text after the last `</think>`; None when a
+  `<think>` is open at the end (the response was cut off or never finished thinking, so anything
+  boxed is a draft); the whole text when there are no think tags (thinking-off models, the toy).
+  Without it: the whole text. The tags are searched in the whole response, not only its tail, so
+  a long thought cannot hide its opening tag.
   """
   text = _to_text(text)
+  if not after_think:
+    return text
+  close = text.rfind(THINK_CLOSE)
+  start = 0 if close < 0 else close + len(THINK_CLOSE)
+  if text.find(THINK_OPEN, start) >= 0:
+    return None
+  return text[start:]
+
+
+def extract_answer(text: str, max_chars: int = DEFAULT_MAX_CHARS,
+                   after_think: bool = True) -> str | None:
+  """The content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed {...}`), brace-matched,
+  in the response's `answer_region` (after the last `</think>` by default).
+
+  Falls back to the last `#### N` line (GSM8K) only when the region has no box at all. Returns None
+  when there is no answer region or answer, the answer is empty, or the last box is unterminated (a
+  response cut off inside its final box has no final answer; an earlier box is a draft, not the
+  answer). Only the last `max_chars` characters of the region are searched.
+  """
+  text = answer_region(text, after_think)
+  if text is None:
+    return None
   if len(text) > max_chars:
     text = text[-max_chars:]
   last_box = None
@@ -315,10 +344,11 @@ class GradeResult:
   correct: np.ndarray          # bool [N]
   extracted: list              # str | None per response (None: no answer found)
   timed_out: np.ndarray        # bool [N]: the check ran past its limit (soft alarm or kill)
-  truncated_input: np.ndarray  # bool [N]: the response exceeded max_chars; only its tail was read
+  truncated_input: np.ndarray  # bool [N]: the answer region exceeded max_chars; only its tail was read
   too_long: np.ndarray         # bool [N]: the extracted answer exceeded max_answer_chars
   failed: np.ndarray           # bool [N]: the check raised or its worker died
   fast_path: np.ndarray        # bool [N]: decided in the parent without math-verify
+  unclosed_think: np.ndarray   # bool [N]: a `<think>` open at the end: no answer region
 
   @property
   def counts(self) -> dict:
@@ -330,7 +360,8 @@ class GradeResult:
         num_truncated_input=int(self.truncated_input.sum()),
         num_too_long=int(self.too_long.sum()),
         num_failed=int(self.failed.sum()),
-        num_fast_path=int(self.fast_path.sum()))
+        num_fast_path=int(self.fast_path.sum()),
+        num_unclosed_think=int(self.unclosed_think.sum()))
 
 
 class Grader:
@@ -338,13 +369,15 @@ class Grader:
 
   Each check has a hard wall-clock limit `timeout_s`: a soft SIGALRM inside the worker at 90 % of
   it, and past the limit the worker is killed and replaced. Either way the check is incorrect and
-  counted in `timed_out`. Thread-safe (one batch at a time).
+  counted in `timed_out`. Thread-safe (one batch at a time). `after_think`: read the answer only
+  after the last `</think>` (see `answer_region`; False: the whole response).
   """
 
   def __init__(self, num_workers: int = 2, timeout_s: float = 5.0,
                max_chars: int = DEFAULT_MAX_CHARS,
                max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
-               worker_memory_mb: int | None = DEFAULT_WORKER_MEMORY_MB):
+               worker_memory_mb: int | None = DEFAULT_WORKER_MEMORY_MB,
+               after_think: bool = True):
     if num_workers < 1:
       raise ValueError(f"Grader num_workers must be >= 1, got {num_workers}")
     if not timeout_s > 0:
@@ -357,6 +390,7 @@ class Grader:
     self.max_chars = max_chars
     self.max_answer_chars = max_answer_chars
     self.worker_memory_mb = worker_memory_mb
+    self.after_think = bool(after_think)
     self.owner_pid = os.getpid()
     self.workers_replaced = 0
     self._workers: list[_Worker] = []
@@ -393,9 +427,10 @@ class Grader:
     self.workers_replaced += 1
 
   # -- grading --
-  def grade(self, texts: Sequence[str], golds: Sequence[str],
+  def grade(self, texts: Sequence[str], golds: Sequence,
             timeout_s: float | None = None) -> GradeResult:
-    """Grade a batch of responses against their gold answers (one gold per response)."""
+    """Grade a batch of responses against their gold answers (one gold per response: a string, or
+    a list/tuple of acceptable strings, correct when the answer equals any of them)."""
     if len(texts) != len(golds):
       raise ValueError(f"grade: {len(texts)} texts but {len(golds)} golds")
     n = len(texts)
@@ -405,33 +440,41 @@ class Grader:
     too_long = np.zeros(n, np.bool_)
     failed = np.zeros(n, np.bool_)
     fast_path = np.zeros(n, np.bool_)
+    unclosed_think = np.zeros(n, np.bool_)
     extracted: list = [None] * n
     # Distinct (answer, gold) pairs that need math-verify -> the responses sharing them.
     pending: dict[tuple[str, str], list[int]] = {}
     for i, (text, gold) in enumerate(zip(texts, golds)):
-      text = _to_text(text)
-      truncated_input[i] = len(text) > self.max_chars
-      answer = extract_answer(text, self.max_chars)
+      gold_options = _gold_options(gold, i)
+      region = answer_region(text, self.after_think)
+      if region is None:
+        unclosed_think[i] = True
+        continue
+      truncated_input[i] = len(region) > self.max_chars
+      answer = extract_answer(region, self.max_chars, after_think=False)
       extracted[i] = answer
       if answer is None:
         continue
       if len(answer) > self.max_answer_chars:
         too_long[i] = True
         continue
-      answer, gold = _normalize(answer), _normalize(_to_text(gold))
-      verdict = _fast_verdict(answer, gold)
-      if verdict is not None:
-        correct[i] = verdict
+      correct[i], undecided = _fast_verdicts(_normalize(answer), gold_options)
+      if correct[i] or not undecided:
         fast_path[i] = True
-      else:
-        pending.setdefault((answer, gold), []).append(i)
+        continue
+      for pair in undecided:
+        pending.setdefault(pair, []).append(i)
     if pending:
       statuses = self._check_all(list(pending), self.timeout_s if timeout_s is None else timeout_s)
       for status, indices in zip(statuses, pending.values()):
-        correct[indices] = status == "equal"
-        timed_out[indices] = status == "timeout"
-        failed[indices] = status == "error"
-    return GradeResult(correct, extracted, timed_out, truncated_input, too_long, failed, fast_path)
+        correct[indices] |= status == "equal"
+        timed_out[indices] |= status == "timeout"
+        failed[indices] |= status == "error"
+      # With several golds, one equal is enough: the other checks' failures do not count.
+      timed_out &= ~correct
+      failed &= ~correct
+    return GradeResult(correct, extracted, timed_out, truncated_input, too_long, failed, fast_path,
+                       unclosed_think)
 
   def _check_all(self, pairs: list[tuple[str, str]], timeout_s: float) -> list[str]:
     """Statuses ('equal' | 'unequal' | 'timeout' | 'error') of the pairs, checked by the pool."""
@@ -486,16 +529,40 @@ class Grader:
             worker.task = None
       return statuses
 
-  def is_equivalent(self, answer: str, gold: str, timeout_s: float | None = None) -> bool:
-    """Whether an already extracted answer equals the gold answer."""
-    answer, gold = _normalize(_to_text(answer)), _normalize(_to_text(gold))
+  def is_equivalent(self, answer: str, gold, timeout_s: float | None = None) -> bool:
+    """Whether an already extracted answer equals the gold answer (or any of a list of them)."""
+    answer = _normalize(_to_text(answer))
+    gold_options = _gold_options(gold)
     if not answer or len(answer) > self.max_answer_chars:
       return False
-    verdict = _fast_verdict(answer, gold)
-    if verdict is not None:
+    verdict, undecided = _fast_verdicts(answer, gold_options)
+    if verdict or not undecided:
       return verdict
     timeout_s = self.timeout_s if timeout_s is None else timeout_s
-    return self._check_all([(answer, gold)], timeout_s)[0] == "equal"
+    return "equal" in self._check_all(undecided, timeout_s)
+
+
+def _gold_options(gold, index: int | None = None) -> list[str]:
+  """The normalised acceptable answers of one gold: a string, or a non-empty list/tuple of them."""
+  if isinstance(gold, (list, tuple)):
+    if not gold:
+      where = "" if index is None else f" of response {index}"
+      raise ValueError(f"grade: the gold answer list{where} is empty")
+    return list(dict.fromkeys(_normalize(_to_text(g)) for g in gold))
+  return [_normalize(_to_text(gold))]
+
+
+def _fast_verdicts(answer: str, gold_options: list[str]) -> tuple[bool, list[tuple[str, str]]]:
+  """(True, []) when the fast path finds the answer equal to a gold; else (False, the
+  (answer, gold) pairs it could not decide, for math-verify)."""
+  undecided = []
+  for gold in gold_options:
+    verdict = _fast_verdict(answer, gold)
+    if verdict:
+      return True, []
+    if verdict is None:
+      undecided.append((answer, gold))
+  return False, undecided
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,11 +581,11 @@ def _grader() -> Grader:
     return _shared_grader
 
 
-def is_equivalent(answer: str, gold: str, timeout_s: float = 5.0) -> bool:
+def is_equivalent(answer: str, gold, timeout_s: float = 5.0) -> bool:
   """Whether an extracted answer equals the gold answer (math-verify, hard time limit)."""
   return _grader().is_equivalent(answer, gold, timeout_s=timeout_s)
 
 
-def grade(texts: Sequence[str], golds: Sequence[str], timeout_s: float = 5.0) -> GradeResult:
+def grade(texts: Sequence[str], golds: Sequence, timeout_s: float = 5.0) -> GradeResult:
   """`Grader.grade` with a shared module-level pool."""
   return _grader().grade(texts, golds, timeout_s=timeout_s)
