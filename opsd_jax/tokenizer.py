@@ -8,6 +8,7 @@ batcher appends EOS ids explicitly. Templates are either the checkpoint's own ji
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -98,6 +99,7 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, directory: str):
     import tokenizers
+    self.directory = directory
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
       raise TokenizerError(f"no tokenizer.json in {directory}")
@@ -189,12 +191,62 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str, 
 
 
 class ChatTemplate:
-  """Messages -> text. `separator` joins the parts of a user message built by prompts.py."""
+  """Messages -> text. `separator` joins the parts of a user message built by prompts.py;
+  `name` identifies the template in errors."""
   separator = "\n"
+  name = "chat template"
 
   def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
              thinking: bool = True) -> str:
     raise NotImplementedError
+
+  def check_thinking_off(self, role: str = "prompt") -> None:
+    """Raises unless thinking off renders a different prompt than thinking on: a template that
+    ignores the switch (e.g. a Thinking-2507 model's) would silently give a thinking-on prompt."""
+    on, off = self._generation_prompts
+    if on == off:
+      raise TokenizerError(f"{self.name}: a thinking-off {role} was asked for, but the template "
+                           "renders the same prompt with enable_thinking off as on (it ignores "
+                           "the thinking switch)")
+
+  def closed_thought(self, thought: str) -> str:
+    """The text that follows the thinking-on generation prompt for a finished `thought`:
+    `<think>`, the thought, `</think>` with the template's own whitespace. With an empty thought
+    it must be exactly what thinking off appends to the thinking-on prompt, so an answer after it
+    follows the same closed-thought boundary as after the thinking-off prompt."""
+    if THINK_OPEN in thought or THINK_CLOSE in thought:
+      raise ValueError(f"the prefilled thought must not contain {THINK_OPEN} or {THINK_CLOSE}, "
+                       f"got {thought!r}")
+    self.check_thinking_off("prompt (to close a teacher's thought)")
+    on, off = self._generation_prompts
+    extra = off[len(on):] if off.startswith(on) else None
+    if extra is None or not (extra.startswith(THINK_OPEN) and THINK_CLOSE in extra):
+      raise TokenizerError(f"{self.name}: the thinking-off prompt is not the thinking-on one plus "
+                           f"an empty {THINK_OPEN}...{THINK_CLOSE} thought (on ends {on[-30:]!r}, "
+                           f"off ends {off[-30:]!r}), so a thinking-on teacher cannot close its "
+                           "thought where a thinking-off student starts")
+    form = self._thought_form
+    if form.replace(_THOUGHT_SLOT, "") != extra:
+      raise TokenizerError(f"{self.name}: thinking off appends {extra!r} to the thinking-on "
+                           f"prompt, but an empty closed thought renders as "
+                           f"{form.replace(_THOUGHT_SLOT, '')!r}")
+    return form.replace(_THOUGHT_SLOT, thought)
+
+  @functools.cached_property
+  def _generation_prompts(self) -> tuple[str, str]:
+    """The probe conversation's prompt with thinking on and with thinking off."""
+    return tuple(self.render(_PROBE, add_generation_prompt=True, thinking=t)
+                 for t in (True, False))
+
+  @functools.cached_property
+  def _thought_form(self) -> str:
+    """The closed thought with `_THOUGHT_SLOT` where the thought goes."""
+    raise NotImplementedError
+
+
+_PROBE = ({"role": "user", "content": "What is 1 + 1?"},)
+_THOUGHT_SLOT = "\x00thought\x00"
+_ANSWER_SLOT = "\x00answer\x00"
 
 
 class PlainTemplate(ChatTemplate):
@@ -202,6 +254,8 @@ class PlainTemplate(ChatTemplate):
   generation prompt closes an empty thought, `<think></think>`, like Qwen3. No newlines: the toy
   tokenizer is trained without them."""
   separator = " "
+  name = "plain chat template"
+  _thought_form = THINK_OPEN + _THOUGHT_SLOT + THINK_CLOSE
 
   def render(self, messages, *, add_generation_prompt=True, thinking=True):
     markers = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -242,9 +296,12 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 class JinjaTemplate(ChatTemplate):
   """A checkpoint's jinja chat template, rendered in a sandbox as transformers does
   (trim_blocks, lstrip_blocks, loopcontrols, raise_exception, tojson, strftime_now); `thinking`
-  is passed as `enable_thinking` (Qwen3)."""
+  is passed as `enable_thinking` (Qwen3). A closed thought is written the way the template
+  writes an assistant turn's `reasoning_content` (Qwen3: `<think>\\n` thought `\\n</think>\\n\\n`)."""
 
-  def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+  def __init__(self, source: str, special_tokens: dict[str, str] | None = None,
+               name: str = "jinja chat template"):
+    self.name = name
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -260,6 +317,21 @@ class JinjaTemplate(ChatTemplate):
     messages = [_alias_reasoning(m) for m in messages]
     return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                 enable_thinking=thinking, **self.special_tokens)
+
+  @functools.cached_property
+  def _thought_form(self) -> str:
+    # The probe conversation answered with a slot thought and a slot answer: what lies between
+    # the thinking-on generation prompt and the answer is the template's closed thought.
+    head = self.render(_PROBE, add_generation_prompt=True, thinking=True)
+    turn = {"role": "assistant", "content": _ANSWER_SLOT, "reasoning_content": _THOUGHT_SLOT}
+    full = self.render([*_PROBE, turn], add_generation_prompt=False, thinking=True)
+    form = full[len(head):].partition(_ANSWER_SLOT)[0] if full.startswith(head) else ""
+    if not (form.startswith(THINK_OPEN) and _THOUGHT_SLOT in form
+            and THINK_CLOSE in form.partition(_THOUGHT_SLOT)[2]):
+      raise TokenizerError(f"{self.name}: an assistant turn's reasoning_content is not rendered "
+                           f"as {THINK_OPEN}...{THINK_CLOSE} right after the generation prompt, "
+                           "so a thought cannot be prefilled")
+    return form
 
 
 def _alias_reasoning(message):
@@ -282,7 +354,9 @@ def chat_template(tok: Tokenizer, kind: str = "plain") -> ChatTemplate:
     if not tok.chat_template_source:
       raise TokenizerError("chat_template='checkpoint' but the tokenizer has no chat_template "
                            "in tokenizer_config.json (or chat_template.jinja)")
-    return JinjaTemplate(tok.chat_template_source, tok.special_tokens)
+    where = getattr(tok, "directory", None)
+    return JinjaTemplate(tok.chat_template_source, tok.special_tokens,
+                         name=f"chat template of {where}" if where else "checkpoint chat template")
   raise TokenizerError(f"chat template kind must be 'plain' or 'checkpoint', got {kind!r}")
 
 

@@ -65,6 +65,19 @@ def test_prompts_equal_transformers_rendering(qwen, thinking):
 COMPLETIONS = {True: "<think>\n17 + 25 = 42. Wait, let me double-check: yes.\n</think>\n\n"
                      "The answer is \\boxed{42}.",
                False: "The answer is \\boxed{42}."}
+THOUGHT = "I read the reference. Now I solve it myself."
+
+
+def _expected_teacher_suffix(which, student_thinking, teacher_thinking):
+  """What the teacher's prompt ends with after its user turn, written out by hand: its own
+  generation suffix, plus the closed thought when it thinks and the student does not."""
+  if which == "plain":
+    return tokenizer_lib.END + tokenizer_lib.ASSISTANT + (
+        "" if teacher_thinking else "<think></think>") + (
+        f"<think>{THOUGHT}</think>" if teacher_thinking and not student_thinking else "")
+  return "<|im_end|>\n<|im_start|>assistant\n" + (
+      "" if teacher_thinking else "<think>\n\n</think>\n\n") + (
+      f"<think>\n{THOUGHT}\n</think>\n\n" if teacher_thinking and not student_thinking else "")
 
 
 @pytest.mark.parametrize("student_thinking", [True, False])
@@ -73,42 +86,78 @@ COMPLETIONS = {True: "<think>\n17 + 25 = 42. Wait, let me double-check: yes.\n</
 def test_completion_aligns_after_both_prompts(request, which, student_thinking, teacher_thinking):
   tok, template = request.getfixturevalue(which)[:2]
   completion_text = COMPLETIONS[student_thinking]
+  thought = THOUGHT
   if which == "plain":
     completion_text = completion_text.replace("\n", " ")
   completion = tok.encode(completion_text) + [tok.eos_ids[0]]
   student = prompts.student(tok, template, QUESTION, student_thinking)
   teacher = prompts.teacher(tok, template, QUESTION, REFERENCE, "full",
-                            thinking=teacher_thinking, completion_thinking=student_thinking)
+                            thinking=teacher_thinking, completion_thinking=student_thinking,
+                            thought=thought)
+  teacher_text = prompts.teacher_text(template, QUESTION, REFERENCE, "full",
+                                      thinking=teacher_thinking,
+                                      completion_thinking=student_thinking, thought=thought)
   eos_text = tok.decode([tok.eos_ids[0]])
   for prompt, text in ((student, prompts.student_text(template, QUESTION, student_thinking)),
-                       (teacher, prompts.teacher_text(template, QUESTION, REFERENCE, "full",
-                                                      thinking=teacher_thinking,
-                                                      completion_thinking=student_thinking))):
+                       (teacher, teacher_text)):
     ids = prompt + completion
     # the completion sits at the same place relative to each prompt's end and re-tokenises the
     # same way when the text is encoded whole
     assert ids[len(prompt):] == completion
     assert tok.decode(ids) == text + completion_text + eos_text
     assert tok.encode(text + completion_text) == ids[:-1]
-  # both prompts end with the student's generation suffix (the <think> boundary)
-  suffix = prompts.student_text(template, QUESTION, student_thinking)[
-      len(template.render([{"role": "user", "content": prompts.student_content(
-          QUESTION, template.separator)}], add_generation_prompt=False)):]
-  assert prompts.teacher_text(template, QUESTION, REFERENCE, thinking=teacher_thinking,
-                              completion_thinking=student_thinking).endswith(suffix)
+  # the teacher is rendered in its own mode; a thinking-off student's answer follows a closed
+  # thought in both contexts
+  assert teacher_text.endswith(_expected_teacher_suffix(which, student_thinking,
+                                                        teacher_thinking))
+  other = prompts.teacher_text(template, QUESTION, REFERENCE, "full",
+                               thinking=not teacher_thinking,
+                               completion_thinking=student_thinking, thought=thought)
+  assert other != teacher_text
+  if not student_thinking:
+    tail = tok.encode(tokenizer_lib.THINK_CLOSE + ("" if which == "plain" else "\n\n"))
+    assert tail[0] == tok.token_to_id(tokenizer_lib.THINK_CLOSE)
+    assert student[-len(tail):] == teacher[-len(tail):] == tail
 
 
-def test_mismatched_thinking_without_alignment_differs(qwen):
-  # What the alignment prevents: a thinking-on teacher prompt ends before the empty thought the
-  # thinking-off student's completion follows.
+def test_thinking_on_teacher_of_thinking_off_student(qwen):
+  # Before: the thinking-on teacher got the student's empty thought, i.e. it was thinking off.
   tok, template, _ = qwen
   student_text = prompts.student_text(template, QUESTION, thinking=False)
-  unaligned = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True)
-  aligned = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True,
-                                 completion_thinking=False)
+  on = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True)
+  off = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=False)
+  closed = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True,
+                                completion_thinking=False, thought=THOUGHT)
   assert student_text.endswith("assistant\n<think>\n\n</think>\n\n")
-  assert unaligned.endswith("assistant\n") and not unaligned.endswith("</think>\n\n")
-  assert aligned == unaligned + "<think>\n\n</think>\n\n"
+  assert on.endswith("assistant\n") and off == on + "<think>\n\n</think>\n\n"
+  assert closed == on + f"<think>\n{THOUGHT}\n</think>\n\n"
+  with pytest.raises(ValueError, match="needs the prefilled thought"):
+    prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True, completion_thinking=False)
+  with pytest.raises(ValueError, match="must not contain"):
+    prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True, completion_thinking=False,
+                         thought="a </think> b")
+  # the thought is only used where the teacher thinks and the student does not
+  assert prompts.teacher_text(template, QUESTION, REFERENCE, thinking=False,
+                              completion_thinking=True, thought=THOUGHT) == off
+
+
+def test_answer_list_uses_first(qwen):
+  _, template, _ = qwen
+  assert prompts.teacher_content(QUESTION, REFERENCE, "answer_only", answer=["42", "42.0"]) == \
+      prompts.teacher_content(QUESTION, REFERENCE, "answer_only", answer="42")
+  with pytest.raises(ValueError, match="needs the gold answer"):
+    prompts.teacher_content(QUESTION, REFERENCE, "answer_only", answer=[])
+
+
+def test_toy_tokenizer_encodes_default_thought(plain):
+  from opsd_jax import config
+  tok, template = plain
+  thought = config.default_config().opsd.teacher_thought
+  assert thought == prompts.TEACHER_THOUGHT
+  text = prompts.teacher_text(template, QUESTION, REFERENCE, thinking=True,
+                              completion_thinking=False, thought=thought)
+  assert text.endswith(f"<|assistant|><think>{thought}</think>")
+  assert tok.decode(tok.encode(text)) == text  # no unknown pieces
 
 
 def test_plain_prompts_are_single_marker_tokens(plain):

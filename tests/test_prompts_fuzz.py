@@ -4,11 +4,12 @@ right-to-left characters, very long text), through the plain template with the t
 sentencepiece tokenizer and the Qwen3-like checkpoint template with a BPE tokenizer.
 
 For every input: no crash (only the documented ValueErrors: context 'full' without a reference,
-'answer_only' without an answer); ids are ints inside the vocabulary; both the student's and the
-teacher's prompt end with the generation suffix of the student's thinking mode, as independent
-references give it (the plain template's marker pieces; transformers' rendering of the Qwen3
-template), and as the same ids, so the completion's tokens sit after identical boundaries and
-re-tokenise the same when encoded together with the prompt text. Counts go to
+'answer_only' without an answer, a prefilled thought holding `<think>`/`</think>`); ids are ints
+inside the vocabulary; each prompt ends with the generation suffix of its own thinking mode, as
+independent references give it (the plain template's marker pieces; transformers' rendering of
+the Qwen3 template), the teacher's followed by the closed thought when it thinks and the student
+does not, so a thinking-off student's answer follows `</think>` (the same ids) in both contexts;
+the completion re-tokenises the same when encoded together with the prompt text. Counts go to
 <pytest basetemp>/fuzz_counts.json ("prompts").
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ texts = st.one_of(st.text(max_size=200), pieces,
                   st.tuples(st.text(max_size=50), pieces).map("".join),
                   st.text(st.sampled_from("0123456789 +-=.\n"), min_size=500, max_size=3000))
 maybe_empty = st.one_of(st.just(""), st.just("   "), texts)
-answers = st.one_of(st.none(), st.just(""), texts)
+answers = st.one_of(st.none(), st.just(""), texts, st.lists(texts, max_size=3))
+thoughts = st.one_of(st.just(prompts.TEACHER_THOUGHT), st.just(""), texts)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,7 +82,8 @@ def _build(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except ValueError as e:
     message = str(e)
-    documented = ("needs a reference solution" in message or "needs the gold answer" in message)
+    documented = ("needs a reference solution" in message or "needs the gold answer" in message
+                  or "must not contain" in message)
     assert documented, f"undocumented ValueError: {message}"
     COUNTS["documented_errors"] += 1
     return None
@@ -95,28 +98,38 @@ def test_prompt_builder_fuzz(request, which):
   @settings(FUZZ, max_examples=1500 if which == "plain" else 800)
   @given(question=texts, reference=maybe_empty, answer=answers,
          context=st.sampled_from(prompts.CONTEXTS), student_thinking=st.booleans(),
-         teacher_thinking=st.booleans())
-  def check(question, reference, answer, context, student_thinking, teacher_thinking):
+         teacher_thinking=st.booleans(), thought=thoughts)
+  def check(question, reference, answer, context, student_thinking, teacher_thinking, thought):
     COUNTS[f"{which}_examples"] += 1
     student = prompts.student(tok, template, question, student_thinking)
     _check_ids(tok, student)
     teacher = _build(prompts.teacher, tok, template, question, reference, context, answer,
-                     thinking=teacher_thinking, completion_thinking=student_thinking)
-    if context == "full" and not reference:
-      assert teacher is None
-    if context == "answer_only" and not answer:
-      assert teacher is None
+                     thinking=teacher_thinking, completion_thinking=student_thinking,
+                     thought=thought)
+    first = answer[0] if isinstance(answer, list) and answer else answer
+    marked = "<think>" in thought or "</think>" in thought
+    assert (teacher is None) == ((context == "full" and not reference)
+                                 or (context == "answer_only" and not first)
+                                 or (teacher_thinking and not student_thinking and marked))
     if teacher is None:
       return
     _check_ids(tok, teacher)
-    suffix = _reference_suffix(which, hf_tok, prompts.student_content(
-        question, template.separator), student_thinking)
     student_text = prompts.student_text(template, question, student_thinking)
     teacher_text = prompts.teacher_text(template, question, reference, context, answer,
-                                        teacher_thinking, student_thinking)
-    assert student_text.endswith(suffix) and teacher_text.endswith(suffix)
+                                        teacher_thinking, student_thinking, thought)
+    suffix = _reference_suffix(which, hf_tok, prompts.student_content(
+        question, template.separator), student_thinking)
+    teacher_suffix = _reference_suffix(which, hf_tok, prompts.student_content(
+        question, template.separator), teacher_thinking)
+    if teacher_thinking and not student_thinking:
+      teacher_suffix += (f"<think>{thought}</think>" if which == "plain"
+                         else f"<think>\n{thought}\n</think>\n\n")
+    assert student_text.endswith(suffix) and teacher_text.endswith(teacher_suffix)
     suffix_ids = tok.encode(suffix)
-    assert student[-len(suffix_ids):] == teacher[-len(suffix_ids):] == suffix_ids
+    assert student[-len(suffix_ids):] == suffix_ids
+    if not student_thinking:  # the answer follows the same closed-thought ids in both
+      close = tok.encode(suffix[suffix.index("</think>"):])
+      assert student[-len(close):] == teacher[-len(close):] == close
     for prompt, text in ((student, student_text), (teacher, teacher_text)):
       assert tok.encode(text + completion_text) == prompt + completion
     COUNTS[f"{which}_aligned"] += 1

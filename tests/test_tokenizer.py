@@ -234,3 +234,41 @@ def test_plain_template(spm_tok):
 def test_plain_template_needs_markers(qwen_dir):
   with pytest.raises(tokenizer_lib.TokenizerError, match="needs the markers"):
     tokenizer_lib.chat_template(tokenizer_lib.load("hf", qwen_dir), "plain")
+
+
+def test_thinking_switch_and_closed_thought(qwen_dir, spm_tok):
+  from opsd_jax import prompts
+  tok = tokenizer_lib.load("hf", qwen_dir)
+  template = tokenizer_lib.chat_template(tok, "checkpoint")
+  template.check_thinking_off()  # the Qwen3-like template honours the switch
+  assert template.closed_thought("ok") == "<think>\nok\n</think>\n\n"
+  assert tokenizer_lib.PlainTemplate().closed_thought("ok") == "<think>ok</think>"
+  # a template that ignores enable_thinking: thinking off is refused, naming the template
+  ignores = tokenizer_lib.JinjaTemplate(
+      QWEN3_LIKE_TEMPLATE.replace("enable_thinking is false", "false"), name="ignoring template")
+  with pytest.raises(tokenizer_lib.TokenizerError,
+                     match="ignoring template: a thinking-off prompt.*ignores the thinking switch"):
+    prompts.student_text(ignores, "Q", thinking=False)
+  with pytest.raises(tokenizer_lib.TokenizerError, match="ignoring template: a thinking-off "
+                     "completion"):
+    prompts.teacher_text(ignores, "Q", "R", thinking=True, completion_thinking=False,
+                         thought="ok")
+  assert prompts.student_text(ignores, "Q") == template.render(
+      [{"role": "user", "content": prompts.student_content("Q")}])
+  # thinking off that is not an empty <think>...</think> thought: no place to close a thought
+  no_think = tokenizer_lib.JinjaTemplate(
+      QWEN3_LIKE_TEMPLATE.replace("'<think>\\n\\n</think>\\n\\n'", "'/no_think\\n'"),
+      name="no-think template")
+  assert prompts.student_text(no_think, "Q", thinking=False).endswith("assistant\n/no_think\n")
+  with pytest.raises(tokenizer_lib.TokenizerError, match="no-think template: the thinking-off "
+                     "prompt is not the thinking-on one plus an empty <think>"):
+    prompts.teacher_text(no_think, "Q", "R", thinking=True, completion_thinking=False,
+                         thought="ok")
+  # a tokenizer without <think>/</think> tokens cannot hold the closed thought
+  no_marker = tokenizer_lib.train_sentencepiece(
+      ["<|user|>What is 1 + 2?<|end|><|assistant|>3<|end|>"] * 50, 60,
+      os.path.join(os.path.dirname(spm_tok.path), "no_think"),
+      user_defined_symbols=[tokenizer_lib.USER, tokenizer_lib.ASSISTANT, tokenizer_lib.END])
+  with pytest.raises(tokenizer_lib.TokenizerError, match="tokenizer has no <think> / </think>"):
+    prompts.teacher(no_marker, tokenizer_lib.PlainTemplate(), "Q", "R", thinking=True,
+                    completion_thinking=False, thought="ok")

@@ -17,11 +17,14 @@ _FILTERS = {"all": lambda c: np.ones_like(c), "correct_only": lambda c: c,
 
 
 def teacher_prompts(run, problems, rows) -> list[list[int]]:
+  """The teacher's prompt ids in its own thinking mode; a thinking-on teacher of a thinking-off
+  student ends with opsd.teacher_thought, closed (prompts.py's module doc)."""
   o = run.cfg.opsd
   return [prompts_lib.teacher(run.tok, run.template, problems[i]["question"],
                               problems[i]["reference"], context=o.teacher_context,
                               answer=problems[i]["answer"], thinking=o.teacher_thinking,
-                              completion_thinking=o.student_thinking) for i in rows]
+                              completion_thinking=o.student_thinking,
+                              thought=o.teacher_thought) for i in rows]
 
 
 def train(run, params):
