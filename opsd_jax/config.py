@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from opsd_jax.data import formats as data_formats
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -281,7 +283,7 @@ _CHOICES = {
     "tokenizer.kind": ("toy", "sentencepiece", "hf"),
     "tokenizer.chat_template": ("plain", "checkpoint"),
     "data.kind": ("toy", "jsonl"),
-    "data.format": ("auto", "gsm8k", "math"),
+    "data.format": data_formats.FORMATS,
     "data.on_bad_row": ("error", "skip"),
     "eval.thinking": ("student", "on", "off"),
     "optimizer.name": ("adamw", "adam", "sgd"),

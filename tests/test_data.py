@@ -35,11 +35,11 @@ def test_normalize_both_forms():
 
 BAD_ROWS = [
     ("{not json", "malformed JSON"),
-    ('["a list"]', "expected an object"),
+    ('["a list"]', "not an object"),
     ('{"question": "q"}', "missing field 'answer'"),
     ('{"question": "q", "answer": "no final marker"}', "has no '#### <final answer>'"),
-    ('{"problem": "p", "solution": "s"}', "missing field 'answer'"),
-    ('{"problem": "p", "solution": 3, "answer": "1"}', "field 'solution' must be a string"),
+    ('{"problem": "p", "solution": "s"}', "no \\boxed{} answer"),
+    ('{"problem": "p", "solution": 3, "answer": "1"}', "field 'solution' is not a string"),
     ('{"problem": "p", "solution": "s", "answer": "  "}', "field 'answer' is empty"),
     ('{"text": "hello"}', "neither 'question'"),
 ]
