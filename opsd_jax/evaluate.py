@@ -1,7 +1,12 @@
-"""Evaluation metrics over graded samples, a markdown table, and plots.
+"""Evaluation metrics over graded samples, markdown tables, and plots.
 
 Pure functions of per-sample arrays (problem index, correct, response length in tokens, truncated,
 response text); the grading itself is `verify.Grader`, the same one that gives RLVR its reward.
+
+Several named benchmarks per run are reported from the results layout
+`results[stage]["benchmarks"][name] = summarize(...) (+ "settings": {..., "thinking": bool})`:
+`benchmark_table` (one row per stage and benchmark), `paper_summary` (one row per stage: means
+across benchmarks and the change against the previous stage) and `plot_benchmarks`.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def summarize(problem_ids: Sequence, correct: Sequence[bool], lengths: Sequence[
 
   avg@n: mean correctness over all samples (= the mean over problems of per-problem accuracy when
   every problem has n samples, the case reported). pass@k: unbiased estimator per problem, averaged,
-  for each k in `k` (default: 1 and n). maj@n: majority vote over `answers` (extracted answers,
+  for each k in `k` (default: 1, 2, 4, ... up to n, and n). maj@n: majority vote over `answers` (extracted answers,
   None = no answer) when given. Lengths are in tokens; `texts` give the hesitation-marker rates.
   """
   problem_ids = np.asarray(problem_ids)
@@ -74,7 +79,8 @@ def summarize(problem_ids: Sequence, correct: Sequence[bool], lengths: Sequence[
   samples_per_problem = sorted({len(g) for g in groups.values()})
   min_samples = samples_per_problem[0]
   if k is None:
-    ks = sorted({1, min_samples})
+    ks = sorted({2**i for i in range(min_samples.bit_length()) if 2**i <= min_samples}
+                | {min_samples})
   else:
     ks = sorted({k} if isinstance(k, int) else set(k))
   per_problem_correct = [(len(g), int(correct[g].sum())) for g in groups.values()]
@@ -226,6 +232,117 @@ def plot_scatter(rows: Sequence[dict], path: str, x_key: str = "mean_length",
   axis.set_xlabel(x_key)
   axis.set_ylabel(y_key)
   axis.set_title(title)
+  figure.tight_layout()
+  _save(plt, figure, path)
+  return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Several named benchmarks per run
+
+_PASS_KEY = re.compile(r"pass@(\d+)")
+_TABLE_TAIL = (("mean_length", "mean length"), ("mean_length_correct", "length correct"),
+               ("mean_length_incorrect", "length incorrect"), ("truncation_rate", "truncated"),
+               ("hesitation_mean_per_response", "markers/response"),
+               ("hesitation_per_1k_tokens", "markers/1k tokens"))
+
+
+def _benchmark_summaries(results: dict, stages: Sequence[str], benchmarks: Sequence[str],
+                         caller: str) -> list[tuple[str, str, dict]]:
+  """(stage, benchmark, summary) for every pair present; stages or benchmarks not (yet) evaluated
+  are left out, but at least one pair must be there."""
+  found = [(stage, name, results[stage]["benchmarks"][name])
+           for stage in stages if stage in results
+           for name in benchmarks if name in results[stage].get("benchmarks", {})]
+  if not found:
+    raise ValueError(f"{caller}: results hold none of the benchmarks {list(benchmarks)} for the "
+                     f"stages {list(stages)}")
+  return found
+
+
+def benchmark_table(results: dict, stages: Sequence[str], benchmarks: Sequence[str]) -> str:
+  """A markdown table with one row per (stage, benchmark), stages in order: thinking mode,
+  problems, samples, avg@n accuracy, pass@k for every k any row has (blank where a benchmark has
+  fewer samples), mean length (all / correct / incorrect), truncation rate and hesitation markers.
+  Pairs missing from `results` (not evaluated yet) are left out."""
+  found = _benchmark_summaries(results, stages, benchmarks, "benchmark_table")
+  ks = sorted({int(m.group(1)) for _, _, summary in found for key in summary
+               if (m := _PASS_KEY.fullmatch(key))})
+  rows = []
+  for stage, name, summary in found:
+    thinking = summary.get("settings", {}).get("thinking")
+    row = dict(stage=stage, benchmark=name, thinking="" if thinking is None else
+               ("on" if thinking else "off"), **{k: v for k, v in summary.items()
+                                                 if not isinstance(v, dict)})
+    rows.append(row)
+  columns = ["stage", "benchmark", "thinking", "num_problems", "samples_per_problem", "accuracy",
+             *(f"pass@{k}" for k in ks), *(key for key, _ in _TABLE_TAIL)]
+  headers = ["stage", "benchmark", "thinking", "problems", "samples", "avg@n",
+             *(f"pass@{k}" for k in ks), *(header for _, header in _TABLE_TAIL)]
+  return results_table(rows, columns, headers)
+
+
+def paper_summary(results: dict, stages: Sequence[str], benchmarks: Sequence[str]) -> list[dict]:
+  """The paper's summary row per stage (in order; stages with none of the benchmarks left out).
+
+  `accuracy_pct`: mean over the benchmarks of avg@n accuracy, in percent; `mean_length`: mean over
+  the benchmarks of the mean response length (tokens), so each benchmark weighs the same whatever
+  its size. Against the previous stage (`against`): `accuracy_change_points` (percentage points)
+  and `length_change_pct` (relative length, %), and `change` in words, as Kim & Lee report OPSD's
+  compaction ("31.9 % shorter at -0.4 points"). A stage missing one of the benchmarks has NaN
+  means (not comparable); `benchmarks` counts the ones it has.
+  """
+  evaluated = dict.fromkeys(stage for stage, _, _ in
+                           _benchmark_summaries(results, stages, benchmarks, "paper_summary"))
+  rows, previous = [], None
+  for stage in evaluated:
+    present = results[stage]["benchmarks"]
+    summaries = [present[name] for name in benchmarks if name in present]
+    complete = len(summaries) == len(benchmarks)
+    row = dict(stage=stage, benchmarks=len(summaries),
+               accuracy_pct=100 * _mean([s["accuracy"] for s in summaries]) if complete
+               else float("nan"),
+               mean_length=_mean([s["mean_length"] for s in summaries]) if complete
+               else float("nan"),
+               against="", accuracy_change_points=float("nan"), length_change_pct=float("nan"),
+               change="")
+    if previous is not None:
+      points = row["accuracy_pct"] - previous["accuracy_pct"]
+      relative = 100 * (row["mean_length"] / previous["mean_length"] - 1) \
+          if previous["mean_length"] > 0 else float("nan")
+      row.update(against=previous["stage"], accuracy_change_points=points,
+                 length_change_pct=relative)
+      if not (math.isnan(points) or math.isnan(relative)):
+        direction = "shorter" if relative < 0 else "longer"
+        row["change"] = f"{abs(relative):.1f} % {direction} at {points:+.1f} points"
+    rows.append(row)
+    previous = row
+  return rows
+
+
+def plot_benchmarks(results: dict, stages: Sequence[str], benchmarks: Sequence[str],
+                    path: str) -> str:
+  """Accuracy (avg@n, %) and mean response length per stage, one line per benchmark and a dashed
+  line for the mean across benchmarks (`paper_summary`'s). Stages with none of the benchmarks are
+  left out; a benchmark missing in a stage is a gap. Writes a PNG to path."""
+  stages = list(dict.fromkeys(stage for stage, _, _ in
+                             _benchmark_summaries(results, stages, benchmarks, "plot_benchmarks")))
+  summary = {row["stage"]: row for row in paper_summary(results, stages, benchmarks)}
+  plt = _pyplot()
+  figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+  xs = np.arange(len(stages))
+  panels = (("accuracy", 100.0, "accuracy_pct", "accuracy (avg@n, %)"),
+            ("mean_length", 1.0, "mean_length", "mean response length (tokens)"))
+  for axis, (key, scale, mean_key, title) in zip(axes[0], panels):
+    for i, name in enumerate(benchmarks):
+      ys = [scale * results[stage]["benchmarks"].get(name, {}).get(key, float("nan"))
+            for stage in stages]
+      axis.plot(xs, ys, marker="o", color=f"C{i % 10}", label=name)
+    axis.plot(xs, [summary[stage][mean_key] for stage in stages], linestyle="--", marker=".",
+              color="black", label="mean")
+    axis.set_xticks(xs, stages)
+    axis.set_title(title)
+  axes[0][0].legend(fontsize=8)
   figure.tight_layout()
   _save(plt, figure, path)
   return path

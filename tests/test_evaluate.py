@@ -134,3 +134,116 @@ def test_plots(tmp_path):
           for i, (f, d) in enumerate(itertools.product(["correct", "incorrect"], ["fkl", "rkl"]))]
   read_png(evaluate.plot_scatter(grid, str(tmp_path / "grid.png"), x_err_key="mean_length_err",
                                  y_err_key="accuracy_err"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several named benchmarks per run
+
+@pytest.mark.parametrize("n, ks", [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]),
+                                   (16, [1, 2, 4, 8, 16])])
+def test_summarize_default_pass_at_powers_of_two(n, ks):
+  problem_ids, correct, lengths, truncated = make_batch(seed=n, problems=5, samples=n)
+  metrics = evaluate.summarize(problem_ids, correct, lengths, truncated)
+  assert sorted(int(key[5:]) for key in metrics if key.startswith("pass@")) == ks
+  per_problem = {}
+  for p, c in zip(problem_ids, correct):
+    per_problem.setdefault(p, []).append(bool(c))
+  for k in ks:
+    assert metrics[f"pass@{k}"] == pytest.approx(
+        np.mean([brute_force_pass_at_k(v, k) for v in per_problem.values()]), abs=1e-12)
+
+
+def benchmark_results():
+  """Two benchmarks (4 and 2 samples per problem) after two stages; `rlvr` lacks `aime`."""
+  results, raw = {}, {}
+  for seed, (stage, name, samples) in enumerate([("sft", "math", 4), ("sft", "aime", 2),
+                                                 ("rlvr", "math", 4)]):
+    batch = make_batch(seed=seed, problems=5, samples=samples)
+    texts = ["Wait, so 4." if c else "ok" for c in batch[1]]
+    summary = evaluate.summarize(*batch, texts)
+    summary["settings"] = dict(samples=samples, thinking=name == "math")
+    results.setdefault(stage, {"benchmarks": {}})["benchmarks"][name] = summary
+    raw[stage, name] = batch
+  results["init"] = {"benchmarks": {}}  # evaluated on none of them
+  return results, raw
+
+
+def parse_table(table):
+  lines = table.splitlines()
+  split = lambda line: [cell.strip() for cell in line.strip("|").split("|")]
+  return split(lines[0]), [split(line) for line in lines[2:]]
+
+
+def test_benchmark_table_rows_and_numbers():
+  results, raw = benchmark_results()
+  assert [row["stage"] for row in evaluate.paper_summary(
+      results, ["init", "sft", "rlvr"], ["math", "aime"])] == ["sft", "rlvr"]  # init: none
+  header, rows = parse_table(evaluate.benchmark_table(
+      results, ["init", "sft", "rlvr", "opsd"], ["math", "aime"]))
+  assert header == ["stage", "benchmark", "thinking", "problems", "samples", "avg@n", "pass@1",
+                    "pass@2", "pass@4", "mean length", "length correct", "length incorrect",
+                    "truncated", "markers/response", "markers/1k tokens"]
+  assert [row[:5] for row in rows] == [["sft", "math", "on", "5", "4"],
+                                       ["sft", "aime", "off", "5", "2"],
+                                       ["rlvr", "math", "on", "5", "4"]]
+  for row, key in zip(rows, [("sft", "math"), ("sft", "aime"), ("rlvr", "math")]):
+    problem_ids, correct, lengths, truncated = raw[key]
+    cell = dict(zip(header, row))
+    groups = [correct[problem_ids == p] for p in range(5)]
+    expected = {
+        "avg@n": correct.mean(), "pass@1": correct.mean(),
+        "pass@2": np.mean([brute_force_pass_at_k(g, 2) for g in groups]),
+        "mean length": lengths.mean(), "length correct": lengths[correct].mean(),
+        "length incorrect": lengths[~correct].mean(), "truncated": truncated.mean(),
+        "markers/response": correct.mean(),  # one "Wait" per correct response
+        "markers/1k tokens": 1000 * correct.sum() / lengths.sum()}
+    if len(groups[0]) == 4:
+      expected["pass@4"] = np.mean([g.any() for g in groups])
+    else:
+      assert cell["pass@4"] == ""  # two samples: no pass@4
+    for column, value in expected.items():
+      assert float(cell[column]) == pytest.approx(float(value), rel=1e-3), (key, column)
+
+
+def test_paper_summary_by_hand():
+  def summary(accuracy, length):
+    return dict(accuracy=accuracy, mean_length=length)
+  results = {
+      "sft": {"benchmarks": {"a": summary(0.5, 1000), "b": summary(0.3, 600)}},
+      "rlvr": {"benchmarks": {"a": summary(0.7, 1200), "b": summary(0.5, 1000)}},
+      "opsd": {"benchmarks": {"a": summary(0.68, 700), "b": summary(0.5, 500), "c": summary(1, 1)}},
+      "extra": {"benchmarks": {"a": summary(0.9, 100)}},  # missing b: not comparable
+  }
+  rows = evaluate.paper_summary(results, ["init", "sft", "rlvr", "opsd", "extra"], ["a", "b"])
+  assert [row["stage"] for row in rows] == ["sft", "rlvr", "opsd", "extra"]
+  assert [row["benchmarks"] for row in rows] == [2, 2, 2, 1]
+  assert [row["against"] for row in rows] == ["", "sft", "rlvr", "opsd"]
+  np.testing.assert_allclose([row["accuracy_pct"] for row in rows[:3]], [40, 60, 59])
+  np.testing.assert_allclose([row["mean_length"] for row in rows[:3]], [800, 1100, 600])
+  np.testing.assert_allclose([row["accuracy_change_points"] for row in rows[1:3]], [20, -1])
+  np.testing.assert_allclose([row["length_change_pct"] for row in rows[1:3]],
+                             [100 * (1100 / 800 - 1), 100 * (600 / 1100 - 1)])
+  assert [row["change"] for row in rows] == ["", "37.5 % longer at +20.0 points",
+                                             "45.5 % shorter at -1.0 points", ""]
+  assert math.isnan(rows[0]["accuracy_change_points"])
+  assert math.isnan(rows[3]["accuracy_pct"]) and math.isnan(rows[3]["length_change_pct"])
+  table = evaluate.results_table(rows, ["stage", "accuracy_pct", "mean_length", "change"])
+  assert "| opsd | 59 | 600 | 45.5 % shorter at -1.0 points |" in table.splitlines()
+
+
+def test_benchmark_reports_need_a_result(tmp_path):
+  results, _ = benchmark_results()
+  for call in (lambda: evaluate.benchmark_table(results, ["opsd"], ["math"]),
+               lambda: evaluate.paper_summary(results, ["sft"], ["gsm8k"]),
+               lambda: evaluate.plot_benchmarks(results, ["init"], ["math"],
+                                                str(tmp_path / "x.png"))):
+    with pytest.raises(ValueError, match="results hold none of the benchmarks"):
+      call()
+
+
+def test_plot_benchmarks(tmp_path):
+  results, _ = benchmark_results()
+  path = evaluate.plot_benchmarks(results, ["init", "sft", "rlvr", "opsd"], ["math", "aime"],
+                                  str(tmp_path / "benchmarks.png"))
+  image = read_png(path)
+  assert image.shape[1] > image.shape[0]  # two panels side by side
