@@ -4,7 +4,8 @@
 with `jax.make_array_from_callback`: every device shard reads only its own slice, layer by layer,
 so a large model is never held whole on the host, let alone twice. `save` writes config.json and
 safetensors file(s) that `transformers.AutoModelForCausalLM.from_pretrained` loads; each file's
-tensors are gathered to the host one file at a time.
+tensors are gathered to the host one file at a time. `export` adds the tokenizer and generation
+config, so the directory is a complete checkpoint for transformers, vLLM and the Hub.
 
 Layouts. HF linear weights are [out, in]; ours are [in, out] with heads split out:
   q/k/v_proj.weight [N*H, D] -> kernel [D, N, H];  bias [N*H] -> [N, H]
@@ -19,6 +20,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -154,6 +157,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "mlp_bias": False,
       "use_cache": True,
       "dtype": cfg.param_dtype,
+      "torch_dtype": cfg.param_dtype,  # the name transformers < 4.56 (and vLLM on it) reads
   }
   if cfg.family == "qwen2":
     hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
@@ -453,3 +457,131 @@ def _atomic(final_path, write):
   tmp = final_path + ".tmp"
   write(tmp)
   os.replace(tmp, final_path)
+
+
+# --------------------------------------------------------------------------------------------
+# export: a complete Hugging Face directory
+# --------------------------------------------------------------------------------------------
+
+# Copied when the tokenizer directory has them; tokenizer.json and tokenizer_config.json must be.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json",
+                   "tokenizer.model")
+_REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_GENERATION_FILE = "generation_config.json"
+
+
+def export(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None,
+           generation_config: dict[str, Any] | str | None = None,
+           max_shard_bytes: int = 4 << 30) -> str:
+  """Writes a complete Hugging Face checkpoint directory at `path` and returns `path`.
+
+  Weights and config.json as `save` writes them (LoRA merged, sharded with an index above
+  max_shard_bytes); the tokenizer files of `tokenizer_dir` (the run's Hugging Face tokenizer
+  directory) copied; generation_config.json; and config.json's bos/eos/pad ids set from the
+  tokenizer so that transformers' generate stops where our sampler does.
+
+  generation_config: a dict, or a directory (e.g. init_from) or file holding
+  generation_config.json, written as is. None: tokenizer_dir's own generation_config.json, else
+  one made from the tokenizer's eos/pad/bos ids.
+
+  The directory is built in a temporary sibling and renamed into place, so readers never see a
+  half-written export; an existing export at `path` is replaced.
+  """
+  from opsd_jax import tokenizer as tokenizer_lib  # local: tokenizer is not needed by load/save
+  path = os.path.abspath(path)
+  tok = None
+  if tokenizer_dir is not None:
+    if not os.path.isdir(tokenizer_dir):
+      raise CheckpointFormatError(f"export: tokenizer_dir {tokenizer_dir!r} is not a directory "
+                                  "(a Hugging Face tokenizer directory is needed)")
+    for name in _REQUIRED_TOKENIZER_FILES:
+      if not os.path.isfile(os.path.join(tokenizer_dir, name)):
+        raise CheckpointFormatError(f"export: {tokenizer_dir}: no {name}")
+    tok = tokenizer_lib.HFTokenizer(tokenizer_dir)
+    if tok.vocab_size > cfg.vocab_size:
+      raise CheckpointFormatError(
+          f"export: {tokenizer_dir}/tokenizer.json has {tok.vocab_size} tokens, more than the "
+          f"model's vocab_size {cfg.vocab_size}")
+  generation = _generation_config(generation_config, tokenizer_dir, tok)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CheckpointFormatError(f"export: {path} exists and is not a directory")
+
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    save(tmp, cfg, params, max_shard_bytes)
+    if tokenizer_dir is not None:
+      for file in TOKENIZER_FILES:
+        source = os.path.join(tokenizer_dir, file)
+        if os.path.isfile(source):
+          shutil.copyfile(source, os.path.join(tmp, file))  # follows links: the content ships
+    if generation is not None:
+      _write_json(os.path.join(tmp, _GENERATION_FILE), generation)
+    config_path = os.path.join(tmp, "config.json")
+    with open(config_path) as f:
+      config = json.load(f)
+    config.update(_token_ids(tok, generation))
+    _write_json(config_path, config)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from other users
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def _generation_config(given, tokenizer_dir, tok) -> dict[str, Any] | None:
+  if isinstance(given, dict):
+    return dict(given)
+  if isinstance(given, str):
+    file = os.path.join(given, _GENERATION_FILE) if os.path.isdir(given) else given
+    if not os.path.isfile(file):
+      raise CheckpointFormatError(f"export: generation_config {given!r}: no {_GENERATION_FILE}")
+    return _read_generation_json(file)
+  if given is not None:
+    raise CheckpointFormatError(f"export: generation_config must be a dict or a path, got "
+                                f"{type(given).__name__}")
+  if tokenizer_dir is not None and os.path.isfile(os.path.join(tokenizer_dir, _GENERATION_FILE)):
+    return _read_generation_json(os.path.join(tokenizer_dir, _GENERATION_FILE))
+  if tok is None:
+    return None
+  eos = list(tok.eos_ids)
+  made = {"eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": tok.pad_id}
+  if tok.bos_id is not None:
+    made["bos_token_id"] = tok.bos_id
+  return made
+
+
+def _read_generation_json(file):
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointFormatError(f"{file}: not valid JSON ({e})") from e
+
+
+def _token_ids(tok, generation) -> dict[str, Any]:
+  """config.json's bos/eos/pad ids: the tokenizer's, else the generation config's."""
+  generation = generation or {}
+  ids = {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+         if generation.get(k) is not None}
+  if tok is not None:
+    ids["eos_token_id"] = tok.eos_ids[0]  # tokenizer_config's eos_token, as HF configs carry it
+    ids["pad_token_id"] = tok.pad_id
+    if tok.bos_id is not None:
+      ids["bos_token_id"] = tok.bos_id
+  return ids
+
+
+def _replace_dir(tmp, path):
+  """Renames the finished `tmp` to `path`, moving an earlier export aside first."""
+  if not os.path.exists(path):
+    os.rename(tmp, path)
+    return
+  parent, name = os.path.split(path)
+  old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+  os.rename(path, os.path.join(old, name))
+  os.rename(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)
