@@ -1,10 +1,10 @@
 """Row readers for the file types math data ships in: .jsonl, .json, .parquet and a
 `datasets.save_to_disk` folder.
 
-`open_rows(path)` returns a Rows: the file type, the column names when the file states them up
-front (parquet, arrow), and an iterator of (where, row) pairs, `where` being "path:line" (JSONL,
-1-based) or "path:row i" (0-based, as ds[i]). A row that cannot be decoded comes as a RowError
-in place of the row, so the caller can stop on it or skip it and count it.
+`open_rows(path)` returns a Rows: the file type and an iterator of (where, row) pairs, `where`
+being "path:line" (JSONL, 1-based) or "path:row i" (0-based, as ds[i]). A row that cannot be
+decoded comes as a RowError in place of the row, so the caller can stop on it or skip it and
+count it.
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from typing import Iterator
 
 from opsd_jax.data.formats import DataError, RowError
 
-FILE_TYPES = ("jsonl", "json", "parquet", "disk")
+FILE_TYPES = ("jsonl", "json", "parquet", "disk")  # Rows.file_type, LoadReport.file_type
 _BATCH = 1024
 
 
 @dataclasses.dataclass
 class Rows:
   file_type: str
-  columns: list[str] | None   # known before any row is read (parquet, arrow), else None
   rows: Iterator[tuple[str, object]]
 
 
@@ -34,7 +33,7 @@ def open_rows(path: str) -> Rows:
     raise DataError(f"cannot read data file {path}: no such file or directory")
   lower = path.lower()
   if lower.endswith(".jsonl"):
-    return Rows("jsonl", None, _jsonl(path))
+    return Rows("jsonl", _jsonl(path))
   if lower.endswith(".json"):
     return _json(path)
   if lower.endswith(".parquet"):
@@ -80,7 +79,7 @@ def _json(path):
     value = json.loads(text)
   except json.JSONDecodeError as e:
     if e.msg == "Extra data":
-      return Rows("jsonl", None, _jsonl(path))
+      return Rows("jsonl", _jsonl(path))
     raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
   if isinstance(value, dict) and isinstance(value.get("data"), list):
     value = value["data"]
@@ -88,7 +87,7 @@ def _json(path):
     keys = f" (keys: {sorted(value)})" if isinstance(value, dict) else ""
     raise DataError(f"{path}: expected a JSON list of rows or {{\"data\": [...]}}, got a "
                     f"{type(value).__name__}{keys}")
-  return Rows("json", None, ((f"{path}:row {i}", row) for i, row in enumerate(value)))
+  return Rows("json", ((f"{path}:row {i}", row) for i, row in enumerate(value)))
 
 
 def _parquet(path):
@@ -97,7 +96,7 @@ def _parquet(path):
     pf = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
     raise DataError(f"{path}: not a readable parquet file ({e})") from None
-  return Rows("parquet", list(pf.schema_arrow.names), _batches(path, pf.iter_batches(_BATCH)))
+  return Rows("parquet", _batches(path, pf.iter_batches(_BATCH)))
 
 
 def _batches(path, batches):
@@ -126,7 +125,7 @@ def _disk(path):
     ds = datasets.load_from_disk(path)
   except Exception as e:  # datasets raises FileNotFoundError / ValueError / pyarrow's errors
     raise DataError(f"{path}: datasets.load_from_disk failed ({e})") from None
-  return Rows("disk", list(ds.column_names), _batches(path, ds.with_format("arrow").iter(_BATCH)))
+  return Rows("disk", _batches(path, ds.with_format("arrow").iter(_BATCH)))
 
 
 def disk_rows_pyarrow(path: str) -> Rows:
@@ -140,10 +139,9 @@ def disk_rows_pyarrow(path: str) -> Rows:
   if state.get("_indices_data_files"):
     raise DataError(f"{path}/state.json: an indices mapping; save it again after "
                     "flatten_indices(), or install datasets")
-  schema = pa.ipc.open_stream(pa.memory_map(os.path.join(path, names[0]))).schema
 
   def batches():
     for name in names:
       yield from pa.ipc.open_stream(pa.memory_map(os.path.join(path, name)))
 
-  return Rows("disk", list(schema.names), _batches(path, batches()))
+  return Rows("disk", _batches(path, batches()))
