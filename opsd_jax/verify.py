@@ -344,7 +344,7 @@ class GradeResult:
   correct: np.ndarray          # bool [N]
   extracted: list              # str | None per response (None: no answer found)
   timed_out: np.ndarray        # bool [N]: the check ran past its limit (soft alarm or kill)
-  truncated_input: np.ndarray  # bool [N]: the answer region exceeded max_chars; only its tail was read
+  truncated_input: np.ndarray  # bool [N]: the answer region exceeded max_chars (tail read)
   too_long: np.ndarray         # bool [N]: the extracted answer exceeded max_answer_chars
   failed: np.ndarray           # bool [N]: the check raised or its worker died
   fast_path: np.ndarray        # bool [N]: decided in the parent without math-verify
