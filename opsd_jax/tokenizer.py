@@ -297,7 +297,8 @@ class JinjaTemplate(ChatTemplate):
   """A checkpoint's jinja chat template, rendered in a sandbox as transformers does
   (trim_blocks, lstrip_blocks, loopcontrols, raise_exception, tojson, strftime_now); `thinking`
   is passed as `enable_thinking` (Qwen3). A closed thought is written the way the template
-  writes an assistant turn's `reasoning_content` (Qwen3: `<think>\\n` thought `\\n</think>\\n\\n`)."""
+  writes an assistant turn's `reasoning_content` (Qwen3: `<think>\\n` thought
+  `\\n</think>\\n\\n`)."""
 
   def __init__(self, source: str, special_tokens: dict[str, str] | None = None,
                name: str = "jinja chat template"):
