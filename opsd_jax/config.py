@@ -18,6 +18,7 @@ from opsd_jax.data import formats as data_formats
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+STAGES = ("sft", "rlvr", "opsd", "eval")  # "eval" alone: evaluate init_from, train nothing
 # Projections LoRA can adapt (the model's module names): attention q/k/v/o, MLP gate/up/down.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
 
@@ -357,8 +358,11 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
     if _get(cfg, key) < 0:
       raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
   for stage in cfg.stages:
-    if stage not in ("sft", "rlvr", "opsd"):
-      raise ConfigError(f"stages: unknown stage {stage!r} (known: sft, rlvr, opsd)")
+    if stage not in STAGES:
+      raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
+  if "eval" in cfg.stages and tuple(cfg.stages) != ("eval",):
+    raise ConfigError(f"stages: 'eval' evaluates init_from alone, so it is the only stage; got "
+                      f"{tuple(cfg.stages)} (every training stage is evaluated anyway)")
   s = cfg.sampling
   if not 0.0 < s.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
@@ -403,10 +407,7 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   lora_problems = _lora_problems(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
   if lora_problems:
     raise ConfigError(lora_problems[0])
-  if cfg.data.kind == "jsonl" and not cfg.data.train_path:
-    raise ConfigError("data.train_path must be set when data.kind='jsonl'")
-  if cfg.tokenizer.kind in ("sentencepiece", "hf") and not cfg.tokenizer.path:
-    raise ConfigError(f"tokenizer.path must be set when tokenizer.kind={cfg.tokenizer.kind!r}")
+  _check_data_and_tokenizer(cfg)
   for axis in ("data", "fsdp", "tensor"):
     size = cfg.mesh[axis]
     if size == 0 or size < -1:
@@ -417,7 +418,8 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
       parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  if cfg.init_from and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+  if (cfg.init_from and "://" not in cfg.init_from
+      and not os.path.isfile(os.path.join(cfg.init_from, "config.json"))):
     raise ConfigError(f"init_from: {cfg.init_from!r} is not a Hugging Face directory "
                       "(no config.json there)")
   if not cfg.init_from:
@@ -445,6 +447,32 @@ def _check_eval_sets(sets):
       value = entry.get(key, -1)
       if value != -1 and value < 1:
         raise ConfigError(f"eval.sets.{name}.{key} must be >= 1 (or -1: eval.{key}), got {value}")
+
+
+def _check_data_and_tokenizer(cfg):
+  """Settings the chosen data path would ignore are errors, not silent no-ops."""
+  d, t = cfg.data, cfg.tokenizer
+  if d.kind == "toy":
+    ignored = [f"{k}={v!r}" for k, v in (("tokenizer.kind", t.kind), ("tokenizer.path", t.path),
+                                         ("data.train_path", d.train_path),
+                                         ("data.test_path", d.test_path))
+               if v and v != "toy"] + (["eval.sets"] if cfg.eval.sets else [])
+    if ignored:
+      raise ConfigError(f"data.kind='toy' generates its own problems and tokenizer, so "
+                        f"{', '.join(ignored)} would be ignored (set data.kind='jsonl' to use "
+                        "files)")
+    return
+  training = [s for s in cfg.stages if s != "eval"] + (["grid"] if cfg.grid.rollout_filters else [])
+  if training and not d.train_path:
+    raise ConfigError(f"data.train_path must be set for {', '.join(training)}")
+  if not d.test_path and not cfg.eval.sets:
+    raise ConfigError("data.test_path or eval.sets must name an evaluation set")
+  if t.kind == "toy":
+    raise ConfigError("tokenizer.kind='toy' is trained on the toy task's text; with "
+                      f"data.kind={d.kind!r} set tokenizer.kind to 'sentencepiece' or 'hf'")
+  if not t.path and not (t.kind == "hf" and cfg.init_from):
+    raise ConfigError(f"tokenizer.path must be set when tokenizer.kind={t.kind!r} (with "
+                      "tokenizer.kind='hf' and init_from set, the checkpoint's own files are used)")
 
 
 def _check_keys(cfg, reference, prefix):

@@ -373,7 +373,8 @@ def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StageP
 
 def plan(cfg, model_cfg, mesh_shape, tpu: TpuSlice | None = None) -> list[StagePlan]:
   """One StagePlan per stage of the experiment, then one for evaluation."""
-  return [plan_stage(cfg, model_cfg, stage, mesh_shape) for stage in cfg.stages] + [
+  return [plan_stage(cfg, model_cfg, stage, mesh_shape) for stage in cfg.stages
+          if stage != "eval"] + [
       plan_stage(cfg, model_cfg, "eval", mesh_shape)]
 
 
