@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from opsd_jax import checkpoint, config as config_lib, evaluate, metrics, parallel
+from opsd_jax import checkpoint, config as config_lib, evaluate, fit, metrics, parallel
 from opsd_jax import rollouts as rollouts_lib
 from opsd_jax import tokenizer as tokenizer_lib
 from opsd_jax.data import jsonl
@@ -53,9 +53,15 @@ class Run:
   tok: Any
   template: Any  # the chat template every prompt is rendered with (student and teacher alike)
   train: list[dict]
-  test: list[dict]
+  eval_sets: dict[str, list[dict]]  # benchmark name -> its problems (benchmarks.py)
   logger: metrics.Logger
   grader: Any
+  data_report: dict = dataclasses.field(default_factory=dict)  # rows dropped at load, per set
+
+  @property
+  def test(self) -> list[dict]:
+    """The first benchmark's problems."""
+    return next(iter(self.eval_sets.values()))
 
   def stage_dir(self, stage: str) -> str:
     return os.path.join(self.workdir, stage)
@@ -66,7 +72,53 @@ class Run:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_data(cfg, workdir):
+def _is_remote(path) -> bool:
+  from opsd_jax import remote
+  return remote.is_remote(path)
+
+
+def _local(cfg, path):
+  """A remote path (gs://...) copied once to this host's cache; local paths unchanged."""
+  from opsd_jax import remote
+  return remote.localize(path, cfg.cache_dir) if path and remote.is_remote(path) else path
+
+
+def eval_set_paths(cfg) -> dict[str, str]:
+  """Benchmark name -> file: eval.sets, else data.test_path as one set named after its file."""
+  if cfg.eval.sets:
+    return {name: cfg.eval.sets[name].path for name in cfg.eval.sets}
+  if not cfg.data.test_path:
+    return {}
+  stem = os.path.basename(cfg.data.test_path.rstrip("/")).split(".")[0]
+  return {stem or "test": cfg.data.test_path}
+
+
+def tokenizer_path(cfg) -> str:
+  """tokenizer.path, or the init_from checkpoint's own tokenizer files when it is empty."""
+  return cfg.tokenizer.path or (cfg.init_from if cfg.tokenizer.kind == "hf" else "")
+
+
+def load_tokenizer(cfg):
+  path = _local(cfg, tokenizer_path(cfg))
+  if not path:
+    raise PipelineError(f"tokenizer.path must be set when tokenizer.kind={cfg.tokenizer.kind!r} "
+                        "(or init_from, whose tokenizer files are then used)")
+  return tokenizer_lib.load(cfg.tokenizer.kind, path)
+
+
+def _read_rows(cfg, path, what, require_reference):
+  from opsd_jax import data
+  local = _local(cfg, path)
+  if not os.path.exists(local):
+    raise PipelineError(f"{what}: no file at {path!r}")
+  fields = {k: v for k, v in cfg.data.fields.items() if v} or None
+  rows, report = data.load(local, fields=fields, fmt=cfg.data.format,
+                           on_bad_row=cfg.data.on_bad_row, require_reference=require_reference)
+  return rows, report
+
+
+def load_data(cfg, workdir):
+  """(train rows, {benchmark: rows}, tokenizer, {set: load counts})."""
   if cfg.data.kind == "toy":
     from opsd_jax.data import toy
     train, test = toy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test,
@@ -77,52 +129,128 @@ def _load_data(cfg, workdir):
     tok = toy.build_tokenizer(train + test, workdir)
     if parallel.is_primary():
       parallel.sync("toy_tokenizer")
-    return train, test, tok
-  for key in ("train_path", "test_path"):
-    if not os.path.isfile(cfg.data[key]):
-      raise PipelineError(f"data.{key}: no file at {cfg.data[key]!r}")
+    if cfg.tokenizer.kind != "toy" or cfg.tokenizer.path:
+      raise PipelineError(f"data.kind='toy' trains its own tokenizer; tokenizer.kind="
+                          f"{cfg.tokenizer.kind!r} / tokenizer.path={cfg.tokenizer.path!r} would "
+                          "be ignored (leave them at 'toy' / '')")
+    if cfg.eval.sets or cfg.data.test_path or cfg.data.train_path:
+      raise PipelineError("data.kind='toy' generates its problems; data.train_path, "
+                          "data.test_path and eval.sets would be ignored (set data.kind='jsonl')")
+    return train, {"toy": test}, tok, {}
   if cfg.tokenizer.kind == "toy":
     raise PipelineError("tokenizer.kind='toy' is trained on the toy task's text; with "
                         "data.kind='jsonl' set tokenizer.kind to 'sentencepiece' or 'hf'")
-  train, _ = jsonl.read(cfg.data.train_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
-  test, _ = jsonl.read(cfg.data.test_path, cfg.data.format, on_bad_row=cfg.data.on_bad_row)
-  tok = tokenizer_lib.load(cfg.tokenizer.kind, cfg.tokenizer.path)
-  return train, test[:cfg.data.num_test], tok
+  tok = load_tokenizer(cfg)
+  counts = {}
+  # OPSD's teacher needs each training row's reference solution; RLVR and evaluation do not.
+  needs_reference = "opsd" in cfg.stages or bool(cfg.grid.rollout_filters)
+  train = []
+  if cfg.data.train_path:
+    train, report = _read_rows(cfg, cfg.data.train_path, "data.train_path", needs_reference)
+    counts["train"] = _report_dict(report)
+  sets = {}
+  for name, path in eval_set_paths(cfg).items():
+    what = f"eval.sets.{name}.path" if cfg.eval.sets else "data.test_path"
+    rows, report = _read_rows(cfg, path, what, False)
+    sets[name] = rows[:cfg.data.num_test]
+    counts[name] = _report_dict(report)
+  if not sets:
+    raise PipelineError("no evaluation set: set data.test_path or eval.sets")
+  return train, sets, tok, counts
 
 
-def _model_config(cfg, tok):
-  if cfg.init_from:
-    from opsd_jax import hf
-    model_cfg = hf.read_config(cfg.init_from)
-  else:
+def _report_dict(report) -> dict:
+  d = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+  return {k: v for k, v in d.items() if isinstance(v, (int, str, dict, list))}
+
+
+def model_config(cfg, tok_vocab_size: int | None = None) -> config_lib.ModelConfig:
+  """The ModelConfig the run trains, the same for a run and its --dry_run: with init_from the
+  checkpoint's architecture and the experiment's numerics (model.dtype, param_dtype, remat);
+  else the model section (vocab_size 0: the tokenizer's vocabulary). LoRA (lora.*) is applied
+  on top by each stage (train/loop.py), as the plan does (memory.plan_stage)."""
+  if not cfg.init_from:
     section = cfg.model.to_dict()
     if section["vocab_size"] == 0:  # toy: the model's vocabulary is the tokenizer's
-      section["vocab_size"] = tok.vocab_size
-    model_cfg = config_lib.ModelConfig.from_dict(section)
+      if tok_vocab_size is None:
+        raise PipelineError("model.vocab_size=0 takes the tokenizer's size, and no tokenizer "
+                            "was given")
+      section["vocab_size"] = tok_vocab_size
+    return config_lib.ModelConfig.from_dict(section)
+  from opsd_jax import hf
+  ckpt = hf.read_config(_local(cfg, cfg.init_from))
+  defaults = config_lib.model_config()
+  for key, value in cfg.model.items():
+    if key in ("dtype", "param_dtype", "remat") or value == defaults[key]:
+      continue
+    if value != getattr(ckpt, key):
+      raise config_lib.ConfigError(
+          f"model.{key}={value!r} but init_from's config.json says {getattr(ckpt, key)!r}: the "
+          "checkpoint fixes the architecture (leave model.{key} unset)".replace("{key}", key))
+  return ckpt.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                      remat=cfg.model.remat)
+
+
+def _check_vocab(model_cfg, tok):
   if tok.vocab_size > model_cfg.vocab_size:
     raise PipelineError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}: they do not belong together")
-  return model_cfg
+
+
+def fit_rows(cfg, model_cfg, tok, template, train, sets):
+  """Drops the rows whose prompts cannot fit (fit.py); returns (train, sets, reports)."""
+  from opsd_jax import benchmarks
+  s = cfg.sampling
+  limit = fit.limit(s.prompt_buckets, model_cfg.max_position, s.max_new_tokens)
+  opsd_runs = "opsd" in cfg.stages or bool(cfg.grid.rollout_filters)
+  modes = ({True} if "rlvr" in cfg.stages else set()) | (
+      {bool(cfg.opsd.student_thinking)} if opsd_runs else set())
+  reports = {}
+  if train:
+    train, reports["train"] = fit.fit("train", train, tok, template, student_modes=modes or {True},
+                                      prompt_limit=limit, teacher=cfg.opsd if opsd_runs else None)
+    if not train:
+      raise PipelineError(f"data.train_path: no row fits ({reports['train'].line()})")
+  eval_limit = fit.limit(s.prompt_buckets, model_cfg.max_position, cfg.eval.max_new_tokens)
+  eval_modes = {benchmarks.thinking_mode(cfg, True)}
+  if opsd_runs:
+    eval_modes.add(benchmarks.thinking_mode(cfg, bool(cfg.opsd.student_thinking)))
+  if cfg.grid.thinking_off_arms:
+    eval_modes.add(benchmarks.thinking_mode(cfg, False))
+  for name, rows in list(sets.items()):
+    sets[name], reports[name] = fit.fit(name, rows, tok, template, student_modes=eval_modes,
+                                        prompt_limit=eval_limit)
+    if not sets[name]:
+      raise PipelineError(f"eval set {name}: no problem fits ({reports[name].line()})")
+  return train, sets, reports
 
 
 def setup(cfg, workdir) -> Run:
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.mesh_from_config(cfg.mesh)
-  train, test, tok = _load_data(cfg, workdir)
-  model_cfg = _model_config(cfg, tok)
+  train, sets, tok, counts = load_data(cfg, workdir)
+  model_cfg = model_config(cfg, tok.vocab_size)
+  _check_vocab(model_cfg, tok)
   from opsd_jax import verify
-  grader = verify.Grader(timeout_s=cfg.eval.verify_timeout_s)
+  grader = verify.Grader(timeout_s=cfg.eval.verify_timeout_s,
+                         after_think=cfg.eval.answer_after_think)
   metrics.write_text_atomic(os.path.join(workdir, "config.json"),
                             cfg.to_json_best_effort(indent=2))
   template = tokenizer_lib.chat_template(tok, cfg.tokenizer.chat_template)
-  return Run(cfg, workdir, model_cfg, mesh, tok, template, train, test, metrics.Logger(workdir),
-             grader)
+  train, sets, reports = fit_rows(cfg, model_cfg, tok, template, train, sets)
+  data_report = {name: dict(counts.get(name, {}), fit=r.to_dict()) for name, r in reports.items()}
+  for r in reports.values():
+    _say(f"data {r.line()}")
+  return Run(cfg, workdir, model_cfg, mesh, tok, template, train, sets, metrics.Logger(workdir),
+             grader, data_report)
 
 
 def initial_params(run: Run):
   if run.cfg.init_from:
     from opsd_jax import hf
-    _, params = hf.load(run.cfg.init_from, mesh=run.mesh)
+    # Loaded in the run's parameter dtype (the experiment's, not the file's).
+    _, params = hf.load(_local(run.cfg, run.cfg.init_from), dtype=run.model_cfg.param_dtype,
+                        mesh=run.mesh)
     return params
   return parallel.init_params(run.model_cfg, jax.random.key(run.cfg.seed), run.mesh)
 
@@ -132,22 +260,17 @@ def initial_params(run: Run):
 # --------------------------------------------------------------------------------------------
 
 
+def stage_thinking(cfg, stage: str) -> bool:
+  """The student's thinking mode in a stage: OPSD's opsd.student_thinking, on elsewhere."""
+  return bool(cfg.opsd.student_thinking) if stage == "opsd" else True
+
+
 def evaluate_params(run: Run, params, label: str, thinking: bool = True) -> dict[str, Any]:
-  """Held-out accuracy and response length, with the settings stated in the result. `thinking`
-  is the student's mode (on: the Qwen3 thinking convention; off: the grid's thinking-off arm)."""
-  e = run.cfg.eval
-  problems = run.test[:e.num_problems]
-  t0 = time.time()
-  ro = rollouts_lib.sample_and_grade(
-      run, params, problems, num_samples=e.samples_per_problem, temperature=e.temperature,
-      top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
-      rng=jax.random.key(run.cfg.seed + 10_000), batch_size=e.batch_size, thinking=thinking)
-  summary = evaluate.summarize(ro.problem_ids, ro.correct, ro.lengths, ro.truncated, ro.texts)
-  summary.update(label=label, seconds=round(time.time() - t0, 1),
-                 settings=dict(num_problems=len(problems), samples=e.samples_per_problem,
-                               temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                               max_new_tokens=e.max_new_tokens, thinking=thinking))
-  return summary
+  """Accuracy and response length on every benchmark, with the settings stated in the result.
+  `thinking` is the student's mode; eval.thinking='on'/'off' overrides it."""
+  from opsd_jax import benchmarks
+  return benchmarks.evaluate_params(run, params, label,
+                                    benchmarks.thinking_mode(run.cfg, thinking))
 
 
 def _results_path(run):
@@ -190,25 +313,26 @@ def run(cfg, workdir):
   run_ = setup(cfg, workdir)
   # Multi-host: process 0's files decide what is done, for every process alike.
   results = parallel.broadcast_object(load_results(run_) if parallel.is_primary() else None)
+  results["data"] = run_.data_report
   params = None
   try:
     for stage in cfg.stages:
+      if stage == "eval":  # evaluation only: init_from (or the random init) on every benchmark
+        params = _init_evaluated(run_, params, results)
+        continue
       final_dir = os.path.join(run_.stage_dir(stage), "final")
       if parallel.broadcast_object(stage in results and checkpoint.exists(final_dir)):
         _say(f"{stage}: already done, loading its final parameters")
         params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
                                                                              run_.mesh))
+        _export(run_, stage, params)
         continue
-      if params is None:
-        params = initial_params(run_)
-        if "init" not in results:
-          results["init"] = evaluate_params(run_, params, "init")
-          save_results(run_, results)
-          _print_eval("init", results["init"])
+      params = _init_evaluated(run_, params, results)
       t0 = time.time()
       params = _stage_loop(stage)(run_, params)
       checkpoint.save_params(final_dir, params)
-      results[stage] = evaluate_params(run_, params, stage)
+      _export(run_, stage, params)
+      results[stage] = evaluate_params(run_, params, stage, stage_thinking(cfg, stage))
       results[stage]["train_seconds"] = round(time.time() - t0, 1)
       save_results(run_, results)
       _print_eval(stage, results[stage])
@@ -220,6 +344,35 @@ def run(cfg, workdir):
   finally:
     run_.grader.close()
     run_.logger.close()
+
+
+def _init_evaluated(run_, params, results):
+  """The run's starting parameters, evaluated once (results['init'])."""
+  if params is not None:
+    return params
+  params = initial_params(run_)
+  if "init" not in results:
+    # In the mode the first stage's student samples in, so the stage compares like with like.
+    first = next((s for s in run_.cfg.stages if s != "eval"), "eval")
+    results["init"] = evaluate_params(run_, params, "init", stage_thinking(run_.cfg, first))
+    save_results(run_, results)
+    _print_eval("init", results["init"])
+  return params
+
+
+def _export(run_, stage, params):
+  """export.hf: the stage's parameters as a Hugging Face directory (<workdir>/<stage>/hf) with
+  the run's tokenizer files, for transformers, vLLM or the next experiment's init_from."""
+  if not run_.cfg.export.hf:
+    return
+  path = os.path.join(run_.stage_dir(stage), "hf")
+  if parallel.broadcast_object(os.path.isfile(os.path.join(path, "config.json"))):
+    return
+  from opsd_jax import hf
+  tok_dir = _local(run_.cfg, tokenizer_path(run_.cfg)) if run_.cfg.tokenizer.kind == "hf" else None
+  if parallel.is_primary():
+    hf.export(path, run_.model_cfg, params, tokenizer_dir=tok_dir)
+    _say(f"{stage}: Hugging Face export in {path}")
 
 
 def _say(text):
@@ -235,16 +388,31 @@ def _print_eval(stage, r):
 
 
 def report(run: Run, results: dict[str, Any]):
-  """results.md (a table of the stages) and plots, from results.json and metrics.jsonl."""
-  order = ["init"] + [s for s in run.cfg.stages if s in results]
+  """results.md (the stages, each benchmark, the rows dropped at load) and plots, from
+  results.json and metrics.jsonl."""
+  order = ["init"] + [s for s in run.cfg.stages if s in results and s != "eval"]
   rows = [dict(stage=s, **{k: v for k, v in results[s].items() if not isinstance(v, dict)})
           for s in order if s in results]
   columns = ["stage", "accuracy", "mean_length", "mean_length_correct", "mean_length_incorrect",
              "truncation_rate", "hesitation_mean_per_response", "train_seconds"]
   table = evaluate.results_table(rows, columns)
   settings = results[order[-1]]["settings"]
-  text = (f"# {run.cfg.name}\n\nHeld-out evaluation after each stage ({settings}).\n\n"
-          f"{table}\n")
+  source = f" from {run.cfg.init_from}" if run.cfg.init_from else ""
+  text = (f"# {run.cfg.name}\n\nHeld-out evaluation{source} after each stage, mean over the "
+          f"benchmarks ({settings}).\n\n{table}\n")
+  names = list(run.eval_sets)
+  if len(names) > 1 or run.cfg.data.kind != "toy":
+    summary = evaluate.paper_summary(results, order, names)
+    text += ("\n## Each benchmark\n\n" + evaluate.benchmark_table(results, order, names)
+             + "\n\n## Summary (mean over benchmarks, change against the stage before)\n\n"
+             + evaluate.results_table(summary) + "\n")
+    evaluate.plot_benchmarks(results, order, names, os.path.join(run.workdir, "benchmarks.png"))
+  if run.data_report:
+    text += "\n## Data\n\n" + "".join(
+        f"- {name}: {r['fit']['kept']} of {r['fit']['rows']} rows used"
+        + (f"; prompts too long: {r['fit']['dropped']}" if r["fit"]["dropped"] else "")
+        + (f"; skipped at load: {r['reasons']}" if r.get("reasons") else "") + "\n"
+        for name, r in run.data_report.items())
   metrics.write_text_atomic(os.path.join(run.workdir, "results.md"), text)
   evaluate.plot_stages(rows, os.path.join(run.workdir, "stages.png"))
   evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"),
@@ -264,19 +432,22 @@ def plan(cfg, workdir) -> str:
   per-device memory of each stage (memory.py) on plan.tpu's slice or on this machine's devices."""
   from opsd_jax import memory
   lines = [f"experiment {cfg.name}: stages {' -> '.join(cfg.stages)}; workdir {workdir}"]
-  if cfg.init_from:
-    from opsd_jax import hf
-    if not os.path.isdir(cfg.init_from):
-      raise PipelineError(f"init_from: no Hugging Face directory at {cfg.init_from!r}")
-    model_cfg = hf.read_config(cfg.init_from)
-    # The checkpoint fixes the architecture; the experiment's numerics still apply.
-    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                  remat=cfg.model.remat)
+  if cfg.init_from and not _is_remote(cfg.init_from) and not os.path.isdir(cfg.init_from):
+    raise PipelineError(f"init_from: no Hugging Face directory at {cfg.init_from!r}")
+  if cfg.data.kind == "toy":
+    # The toy's tokenizer is trained at run time: plan with a vocabulary of its usual size.
+    model_cfg = model_config(cfg, 512)
   else:
-    section = cfg.model.to_dict()
-    if section["vocab_size"] == 0:
-      section["vocab_size"] = 512  # toy: set by the tokenizer trained at run time
-    model_cfg = config_lib.ModelConfig.from_dict(section)
+    # The real tokenizer and data: what the run would load, and which rows it would drop.
+    train, sets, tok, counts = load_data(cfg, workdir)
+    model_cfg = model_config(cfg, tok.vocab_size)
+    _check_vocab(model_cfg, tok)
+    template = tokenizer_lib.chat_template(tok, cfg.tokenizer.chat_template)
+    _, _, reports = fit_rows(cfg, model_cfg, tok, template, train, sets)
+    for name, r in reports.items():
+      read = counts.get(name, {})
+      lines.append(f"data {name}: {read.get('path', '')} layout {read.get('layout', '?')}, "
+                   f"{read.get('kept', r.rows)} rows read; {r.line().split(': ', 1)[1]}")
   tpu = memory.tpu_slice(cfg.plan.tpu) if cfg.plan.tpu else None
   devices = tpu.chips if tpu else jax.device_count()
   mesh_shape = parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
