@@ -4,8 +4,9 @@
   python3 launch/tpu.py ACTION [ACTION ...] --name NAME --zone ZONE --accelerator TYPE [options]
 
 Actions, run in the order given: create (a TPU VM, or with --queued a queued resource, waited on
-until ACTIVE), install (this repo's HEAD + pinned deps with jax[tpu] on every worker), run (the
-experiment on every worker, one process per host, detached; JAX finds its peers from the TPU
+until ACTIVE), install (this repo's HEAD + pinned deps with jax[tpu] on every worker), stage
+(local checkpoints, tokenizers, data given by --stage: to gs:// or to every worker's disk), run
+(the experiment on every worker, one process per host, detached; JAX finds its peers from the TPU
 environment), logs (follow a worker's log), copy (a single-host workdir to gs://), delete.
 `--dry_run` prints the commands instead of running them. Standard library only, so it runs on a
 laptop without JAX. The bash wrappers create.sh / run.sh / teardown.sh call it; see README.md.
@@ -51,7 +52,7 @@ FAMILIES = {
     "v5p": TpuFamily("v5p-", "v2-alpha-tpuv5", 2, 4, 8),
     "v6e": TpuFamily("v6e-", "v2-alpha-tpuv6e", 1, 4, 8),
 }
-ACTIONS = ("create", "install", "run", "logs", "copy", "delete")
+ACTIONS = ("create", "install", "stage", "run", "logs", "copy", "delete")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,50 @@ def install_commands(a) -> list[list[str]]:
   ]
 
 
+def parse_stage(spec: str) -> tuple[str, str]:
+  """'LOCAL=DEST' -> (absolute local path, DEST). DEST is gs://BUCKET/PATH or a path under the
+  workers' home directory (~/x/y or x/y): a plain name, since staging replaces it."""
+  local, sep, dest = spec.rpartition("=")
+  if not sep or not local or not dest:
+    raise ValueError(f"--stage must be LOCAL=gs://BUCKET/PATH or LOCAL=~/WORKER_PATH, got {spec!r}")
+  if not os.path.exists(local):
+    raise ValueError(f"--stage: no local file or directory {local!r}")
+  if dest.startswith("gs://"):
+    bucket, path = split_bucket(dest)
+    if not path:
+      raise ValueError(f"--stage: {dest!r} needs a path inside the bucket")
+    return os.path.abspath(local), f"gs://{bucket}/{path}"
+  rel = dest[2:] if dest.startswith("~/") else dest
+  parts = rel.split("/")
+  if not re.fullmatch(r"[-_.a-zA-Z0-9/]+", rel) or any(p in ("", ".", "..") for p in parts) \
+      or rel.startswith("-"):
+    raise ValueError(f"--stage: worker path {dest!r} must be ~/DIR/NAME or DIR/NAME under the "
+                     "home directory (letters, digits, -_./, no '..')")
+  return os.path.abspath(local), "~/" + rel
+
+
+def stage_commands(a) -> list[list[str]]:
+  """Puts each --stage LOCAL=DEST in place before a run. DEST gs://...: uploaded once from here
+  (rsync: a rerun sends only changed files); the run names the gs:// path and every worker copies
+  it into its own cache (opsd_jax/remote.py). DEST a worker path: copied to every worker's disk
+  with tpu-vm scp, after removing an earlier copy (scp would nest a rerun inside it)."""
+  if not a.stage:
+    raise ValueError("stage: --stage LOCAL=DEST is required")
+  commands = []
+  for spec in a.stage:
+    local, dest = parse_stage(spec)
+    if dest.startswith("gs://"):
+      commands.append(["gcloud", "storage", "rsync", "--recursive", local, dest]
+                      if os.path.isdir(local) else ["gcloud", "storage", "cp", local, dest])
+      continue
+    parent = dest.rsplit("/", 1)[0]
+    commands.append(_ssh(a, f"rm -rf {dest} && mkdir -p {parent}"))
+    # scp's remote side: a relative path is under the home directory (no ~ to expand)
+    commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", local,
+                     f"{a.name}:{dest[2:]}", *_where(a), "--worker=all"])
+  return commands
+
+
 # gcsfuse from Google's apt repository (https://cloud.google.com/storage/docs/gcsfuse-install)
 GCSFUSE_INSTALL = (
     "(command -v gcsfuse >/dev/null || ("
@@ -196,7 +241,7 @@ def run_script(a) -> str:
     if gcs:  # resume: bring back what an earlier (maybe preempted, deleted) VM saved
       lines.append(f"gcloud storage rsync --recursive {gcs} {workdir} || true")
   main.append(f"--workdir={workdir}")  # unquoted: $HOME expands; the parts are checked safe
-  main += [shlex.quote(o if o.startswith("--") else f"--{o}") for o in a.override]
+  main += [_override_arg(o) for o in a.override]
   lines.append(f"cd {REMOTE_REPO}")
   if sync:
     # the periodic sync; on TERM it takes its sleep along (an orphan would hold the log open)
@@ -210,6 +255,16 @@ def run_script(a) -> str:
     lines += ["kill $syncer 2>/dev/null", f"{sync} || status=$((status ? status : 1))"]
   lines += ["echo \"opsd-run: exit status $status\"", "exit $status"]
   return "\n".join(lines)
+
+
+def _override_arg(override: str) -> str:
+  """--config.KEY=VALUE, quoted for the worker's shell; a VALUE starting with ~/ becomes the
+  worker's $HOME/... (a file staged to the workers' disks)."""
+  flag = override if override.startswith("--") else f"--{override}"
+  key, sep, value = flag.partition("=")
+  if sep and value.startswith("~/"):
+    return shlex.quote(f"{key}=") + '"$HOME"/' + shlex.quote(value[2:])
+  return shlex.quote(flag)
 
 
 def run_commands(a) -> list[list[str]]:
@@ -247,7 +302,8 @@ def delete_commands(a) -> list[list[str]]:
   return [["gcloud", "compute", "tpus", "tpu-vm", "delete", a.name, *_where(a), "--quiet"]]
 
 
-BUILDERS = {"create": create_commands, "install": install_commands, "run": run_commands,
+BUILDERS = {"create": create_commands, "install": install_commands, "stage": stage_commands,
+            "run": run_commands,
             "logs": logs_commands, "copy": copy_commands, "delete": delete_commands}
 
 
@@ -277,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--sync_every_s", type=int, default=600, help="local workdir -> bucket period")
   p.add_argument("--override", action="append", default=[], metavar="config.KEY=VALUE",
                  help="passed to main as --config.KEY=VALUE (repeatable)")
+  p.add_argument("--stage", action="append", default=[], metavar="LOCAL=DEST",
+                 help="stage: copy LOCAL to gs://BUCKET/PATH (the run reads it from there) or to "
+                      "~/PATH on every worker (repeatable)")
   p.add_argument("--worker", default="0", help="logs: which worker to follow")
   p.add_argument("--tmpdir", default="/tmp", help="where install writes the repo archive")
   p.add_argument("--poll_s", type=int, default=30, help="queued resource: seconds between polls")
@@ -292,6 +351,11 @@ def check_args(a):
     split_bucket(a.bucket)
   if not re.fullmatch(r"[-_.a-zA-Z0-9]+", run_name(a)):
     raise ValueError(f"--run_name must be letters, digits and -_., got {run_name(a)!r}")
+  if "stage" in a.actions:
+    if not a.stage:
+      raise ValueError("stage: --stage LOCAL=DEST is required")
+    for spec in a.stage:
+      parse_stage(spec)
   if "run" in a.actions:
     run_script(a)  # the multi-host bucket requirement, before anything is created
     if not os.path.exists(os.path.join(REPO_ROOT, a.config)):

@@ -1,5 +1,5 @@
 """launch/: the dry-run gcloud commands for a single-host v5e-8 (v5litepod-8) and a multi-host
-v5p-32 slice, and the worker-side run script executed for real by bash (with a stand-in gcloud
+v5p-32 slice, staging local files (to gs:// or to every worker), and the worker-side run script executed for real by bash (with a stand-in gcloud
 and experiment, since neither a TPU nor GCS is reachable here): resume sync before the run,
 SIGTERM forwarded to the run, final sync after it."""
 import importlib.util
@@ -130,6 +130,61 @@ def test_multi_host_v5p_32_queued_spot_slice():
                         *V5P, "--dry_run"], capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "--bucket gs://... is required on the multi-host" in out.stderr
   assert out.stdout == ""  # refused before creating anything
+
+
+def test_stage_to_the_bucket_and_to_every_worker(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text("{}")
+  data = tmp_path / "train.jsonl"
+  data.write_text("{}\n")
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  (tok / "tokenizer.json").write_text("{}")
+  argv = [*V5P, "--bucket", "gs://my-bucket/runs",
+          "--stage", f"{ckpt}=gs://my-bucket/staged/ckpt",
+          "--stage", f"{data}=gs://my-bucket/staged/train.jsonl",
+          "--stage", f"{tok}=~/opsd-data/tok",
+          "--override", "config.init_from=gs://my-bucket/staged/ckpt",
+          "--override", "config.tokenizer.path=~/opsd-data/tok"]
+  lines = wrapper("run.sh", ["stage", "run", "logs"], *argv)
+  upload_dir, upload_file, clear, scp, run, _ = lines
+  assert upload_dir == ["gcloud", "storage", "rsync", "--recursive", str(ckpt),
+                        "gs://my-bucket/staged/ckpt"]
+  assert upload_file == ["gcloud", "storage", "cp", str(data), "gs://my-bucket/staged/train.jsonl"]
+  # a worker path: an earlier copy removed first (scp would nest the new one inside it), then
+  # copied to every worker of the slice
+  assert clear == tpu._ssh(tpu.parser().parse_args(["stage", *V5P]),
+                           "rm -rf ~/opsd-data/tok && mkdir -p ~/opsd-data")
+  assert clear[7:9] == ["--project=proj", "--worker=all"]
+  assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", str(tok),
+                 "opsd-p:opsd-data/tok", "--zone=us-east5-a", "--project=proj", "--worker=all"]
+  assert "--config.init_from=gs://my-bucket/staged/ckpt" in run[-1]  # workers read gs:// paths
+  # ~/ in an override is the worker's home, expanded by the worker's shell
+  arg = '--config.tokenizer.path="$HOME"/opsd-data/tok'
+  script = tpu.run_script(tpu.parser().parse_args(["run", *argv]))
+  assert arg in script and shlex.quote(script) in run[-1]
+  out = subprocess.run(["bash", "-c", f"printf %s {arg}"], capture_output=True, text=True,
+                       env={"HOME": "/home/worker", "PATH": os.environ["PATH"]}, timeout=60)
+  assert out.stdout == "--config.tokenizer.path=/home/worker/opsd-data/tok"
+  # without --stage run.sh neither stages nor asks for it
+  assert len(wrapper("run.sh", ["run", "logs"], *V5P, "--bucket", "gs://my-bucket")) == 2
+
+
+@pytest.mark.parametrize("stage,message", [
+    (None, "stage: --stage LOCAL=DEST is required"),
+    ("no/such/dir=gs://b/x", "no local file or directory 'no/such/dir'"),
+    ("{local}=gs://b", "needs a path inside the bucket"),
+    ("{local}=/etc/x", "worker path '/etc/x' must be"),
+    ("{local}=~/../x", "worker path '~/../x' must be"),
+    ("{local}", "--stage must be LOCAL=gs://BUCKET/PATH or LOCAL=~/WORKER_PATH"),
+])
+def test_bad_stage_is_refused_before_any_command(tmp_path, stage, message):
+  argv = [sys.executable, os.path.join(ROOT, "launch/tpu.py"), "create", "stage", *V5E]
+  if stage:
+    argv += ["--stage", stage.format(local=tmp_path)]
+  out = subprocess.run([*argv, "--dry_run"], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and message in out.stderr and out.stdout == "", out.stderr
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
