@@ -136,7 +136,7 @@ def summarize(branch_results: dict) -> list[dict]:
 
 def base_rows(results) -> list[dict]:
   """The checkpoint every branch starts from, evaluated in each student mode the grid uses."""
-  base = results.get("rlvr") or results.get("sft")
+  base = results.get("rlvr") or results.get("sft") or results.get("init")
   rows = []
   for r, name, thinking in ((base, "base", True),
                             (results.get("grid_base_thinking_off"), "base / thinking off", False)):

@@ -156,7 +156,7 @@ def _write_rows(source, dest, n, skip=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [True])
+@pytest.mark.parametrize("tied", [True, False])
 def test_scaled_down_real_run_end_to_end(tied, tmp_path):
   """RLVR -> OPSD (thinking-off student, thinking-on teacher) -> evaluation -> HF export on a
   tiny random Qwen3 in the Hub's form with the real tokenizer, template and data."""
@@ -172,6 +172,8 @@ def test_scaled_down_real_run_end_to_end(tied, tmp_path):
   assert len([f for f in os.listdir(ckpt) if f.endswith(".safetensors")]) > 1
   train, math500, gsm8k = tmp_path / "train.jsonl", tmp_path / "m.jsonl", tmp_path / "g.jsonl"
   _write_rows(real_files.data_file("gsm8k_train.jsonl"), train, 24)
+  with open(train, "a") as f:  # AIME24 rows 1-2: their teacher prompts are over 2,048 tokens
+    f.writelines(open(real_files.data_file("aime24_test.jsonl")).readlines()[1:3])
   _write_rows(real_files.data_file("math500_test.jsonl"), math500, 4)
   _write_rows(real_files.data_file("gsm8k_test.jsonl"), gsm8k, 4)
   workdir = tmp_path / "work"
@@ -200,7 +202,11 @@ def test_scaled_down_real_run_end_to_end(tied, tmp_path):
     assert set(r["benchmarks"]) == {"math500", "aime24", "aime25"}, r.keys()
     assert r["benchmarks"]["math500"]["settings"]["thinking"] is thinking
     assert r["benchmarks"]["aime24"]["count"] == 8  # 4 problems x 2 samples
-  assert results["data"]["train"]["fit"]["kept"] == 24
+  # The two rows whose teacher prompts cannot fit were dropped at load, not mid-OPSD.
+  fit = results["data"]["train"]["fit"]
+  assert (fit["rows"], fit["kept"]) == (26, 24), fit
+  assert fit["dropped"] == {"teacher prompt over 2048 tokens": 2}, fit
+  assert "teacher prompt over 2048 tokens" in proc.stdout
   records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   opsd = [r for r in records if r.get("stage") == "opsd"]
   assert opsd and all(r["opsd/trained_tokens"] > 0 for r in opsd)  # rollout_filter all
@@ -219,3 +225,81 @@ def test_scaled_down_real_run_end_to_end(tied, tmp_path):
   from opsd_jax import tokenizer as tokenizer_lib
   assert tokenizer_lib.load("hf", str(export)).encode(text) == hf_tok(
       text, add_special_tokens=False)["input_ids"]
+
+
+def test_rows_that_cannot_fit_match_an_independent_count(tmp_path):
+  """MATH500 and AIME24 as OPSD training data with a 1,024-token prompt limit: the rows dropped
+  are those whose teacher prompt, rendered and tokenised by transformers, is longer."""
+  from opsd_jax import fit, prompts
+  from opsd_jax import tokenizer as tokenizer_lib
+  from opsd_jax import data
+  directory = real_files.qwen3_tokenizer_dir(str(tmp_path / "tok"))
+  tok = tokenizer_lib.load("hf", directory)
+  template = tokenizer_lib.chat_template(tok, "checkpoint")
+  hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+  o = config_lib.default_config().opsd  # thinking on for both: no closed thought appended
+  for name in ("math500_test.jsonl", "aime24_test.jsonl"):
+    rows, _ = data.load(real_files.data_file(name), require_reference=True)
+    kept, report = fit.fit(name, rows, tok, template, student_modes={True}, prompt_limit=1024,
+                           teacher=o)
+    too_long = 0
+    for r in rows:
+      content = prompts.teacher_content(r["question"], r["reference"], "full", r["answer"])
+      ids = hf_tok.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                       add_generation_prompt=True, enable_thinking=True)
+      ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+      too_long += len(ids) > 1024
+    assert too_long > 0 and report.rows - report.kept == too_long, (name, report, too_long)
+    assert report.dropped == {"teacher prompt over 1024 tokens": too_long}
+
+
+EVAL = os.path.join(REPO, "experiments", "eval_math.py")
+
+
+def _tiny_checkpoint(directory):
+  torch.manual_seed(0)
+  transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+      vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)).to(
+          torch.bfloat16).save_pretrained(str(directory))
+  real_files.qwen3_tokenizer_dir(str(directory))
+  return str(directory)
+
+
+def test_eval_only_resumes_at_the_chunk_it_stopped_at(tmp_path):
+  """experiments/eval_math.py on a checkpoint: every benchmark evaluated, per-chunk files; a
+  rerun after losing the tail of one benchmark keeps the finished chunks and samples only the
+  lost ones, with the same keys (so the same responses)."""
+  ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+  math500, aime24 = tmp_path / "math500.jsonl", tmp_path / "aime24.jsonl"
+  _write_rows(real_files.data_file("math500_test.jsonl"), math500, 6)
+  _write_rows(real_files.data_file("aime24_test.jsonl"), aime24, 2)
+  workdir = tmp_path / "work"
+  args = [f"--config.init_from={ckpt}", f"--config.eval.sets.math500.path={math500}",
+          f"--config.eval.sets.aime24.path={aime24}", f"--config.eval.sets.aime25.path={aime24}",
+          "--config.eval.max_new_tokens=6", "--config.eval.batch_size=4",
+          "--config.eval.sets.math500.samples_per_problem=2",
+          "--config.eval.sets.aime24.samples_per_problem=2", "--config.model.dtype=float32",
+          "--config.sampling.continuous_batching=False", "--config.eval.thinking=off"]
+  proc, _ = helpers.run(EVAL, workdir, *args, timeout=300)
+  helpers.assert_ok(proc)
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results) == {"init", "data"}
+  for name, count in (("math500", 12), ("aime24", 4), ("aime25", 32)):  # aime25: avg@16
+    r = results["init"]["benchmarks"][name]
+    assert r["count"] == count and r["settings"]["thinking"] is False, (name, r)
+  assert "## Each benchmark" in (workdir / "results.md").read_text()
+  # math500: 6 problems x 2 samples in chunks of 2 problems -> a header and 3 chunk lines.
+  path = workdir / "eval" / "init" / "math500.jsonl"
+  header, *chunks = path.read_text().splitlines()
+  assert len(chunks) == 3
+  first = json.loads(chunks[0])
+  first["texts"] = ["kept"] * len(first["texts"])  # a mark the rerun must not overwrite
+  path.write_text("\n".join([header, json.dumps(first), chunks[1][:25]]))  # chunk 1 torn
+  (workdir / "results.json").unlink()
+  proc, _ = helpers.run(EVAL, workdir, *args, timeout=300)
+  helpers.assert_ok(proc)
+  header2, *again = path.read_text().splitlines()
+  assert header2 == header and len(again) == 3
+  assert json.loads(again[0])["texts"] == ["kept"] * len(first["texts"])
+  assert [json.loads(c) for c in again[1:]] == [json.loads(c) for c in chunks[1:]]
