@@ -32,6 +32,7 @@ REMOTE_REPO = "$HOME/opsd-jax"  # expanded by the worker's shell
 REMOTE_RUNS = "$HOME/opsd-runs"
 REMOTE_MOUNT = "$HOME/opsd-gcs"
 ARCHIVE = "opsd-jax.tar.gz"
+RENAME_DIR_LIMIT = 100_000  # gcsfuse: the most files a renamed directory may hold
 JAX_VERSION = "0.10.2"  # = setup.py's pin; jax[tpu] brings the matching libtpu
 LIBTPU_INDEX = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
@@ -231,7 +232,9 @@ def run_script(a) -> str:
     mount = f"{REMOTE_MOUNT}/{bucket}"
     workdir = f"{mount}/{path + '/' if path else ''}{name}"
     lines += [f"mkdir -p {mount}",
-              f"mountpoint -q {mount} || gcsfuse --implicit-dirs {bucket} {mount}",
+              # directory renames (orbax's and hf.export's temp dirs) are off by default
+              f"mountpoint -q {mount} || gcsfuse --implicit-dirs "
+              f"--rename-dir-limit={RENAME_DIR_LIMIT} {bucket} {mount}",
               f"mkdir -p {workdir}"]
     sync = None
   else:

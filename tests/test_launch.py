@@ -121,7 +121,8 @@ def test_multi_host_v5p_32_queued_spot_slice():
   # every worker runs the same command: no per-worker flags, no coordinator address
   assert run[7:9] == ["--project=proj", "--worker=all"]
   script = run[9]
-  assert "gcsfuse --implicit-dirs my-bucket $HOME/opsd-gcs/my-bucket" in script
+  assert ("gcsfuse --implicit-dirs --rename-dir-limit=100000 my-bucket $HOME/opsd-gcs/my-bucket"
+          in script)
   assert "--workdir=$HOME/opsd-gcs/my-bucket/grid-1" in script
   assert "OPSD_" not in script and "rsync" not in script  # the shared mount is the workdir
   assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "opsd-p",

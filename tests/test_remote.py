@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import time
 
 import fsspec
 import pytest
@@ -146,20 +146,41 @@ def test_copy_left_by_a_killed_process_is_removed(bucket, tmp_path):
   assert os.listdir(os.path.dirname(entry)) == [os.path.basename(entry)]
 
 
-def test_concurrent_copies_of_one_url_agree(bucket, tmp_path):
-  results, errors = [], []
+RACE = """
+import os, sys, time, fsspec
+from opsd_jax import remote
+fs = fsspec.filesystem("memory")  # this process's own store
+for i in range(20):
+  fs.pipe(f"/race/ckpt/f{i}.bin", bytes([i]) * 200_000)
+cache, me = sys.argv[1], sys.argv[2]
+open(os.path.join(cache, "..", "ready-" + me), "w").close()
+while not os.path.exists(os.path.join(cache, "..", "go")):
+  time.sleep(0.001)
+print(remote.localize("memory://race/ckpt", cache))
+"""
 
-  def work():
-    try:
-      results.append(remote.localize(f"{bucket}/ckpt", str(tmp_path)))
-    except Exception as e:  # noqa: BLE001 -- reported below
-      errors.append(e)
 
-  threads = [threading.Thread(target=work) for _ in range(4)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert not errors and len(set(results)) == 1 and _tree(results[0]) == HF_DIR
-  entry = os.path.dirname(results[0])
-  assert os.listdir(os.path.dirname(entry)) == [os.path.basename(entry)]
+def test_processes_copying_one_url_at_once_agree(tmp_path):
+  """Processes of one host (or hosts sharing a cache disk) racing on one entry: one rename wins,
+  the others drop their copies and return the same path."""
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", RACE, str(cache), str(i)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+  try:
+    while len(list(tmp_path.glob("ready-*"))) < 4:
+      assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+      time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=60) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0] * 4, outs
+  paths = {out.strip() for out, _ in outs}
+  assert paths == {remote.cache_path("memory://race/ckpt", str(cache))}
+  local = paths.pop()
+  assert _tree(local) == {f"f{i}.bin": bytes([i]) * 200_000 for i in range(20)}
+  entry = os.path.dirname(local)
+  assert os.listdir(os.path.dirname(entry)) == [os.path.basename(entry)]  # no copies left over
