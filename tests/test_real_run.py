@@ -172,8 +172,11 @@ def test_scaled_down_real_run_end_to_end(tied, tmp_path):
   assert len([f for f in os.listdir(ckpt) if f.endswith(".safetensors")]) > 1
   train, math500, gsm8k = tmp_path / "train.jsonl", tmp_path / "m.jsonl", tmp_path / "g.jsonl"
   _write_rows(real_files.data_file("gsm8k_train.jsonl"), train, 24)
-  with open(train, "a") as f:  # AIME24 rows 1-2: their teacher prompts are over 2,048 tokens
-    f.writelines(open(real_files.data_file("aime24_test.jsonl")).readlines()[1:3])
+  with open(train, "a") as f:  # AIME24 rows 1-2 in GSM8K's layout: teacher prompts > 2,048 tokens
+    for line in open(real_files.data_file("aime24_test.jsonl")).readlines()[1:3]:
+      row = json.loads(line)
+      f.write(json.dumps({"question": row["problem"],
+                          "answer": f"{row['solution']}\n#### {row['answer']}"}) + "\n")
   _write_rows(real_files.data_file("math500_test.jsonl"), math500, 4)
   _write_rows(real_files.data_file("gsm8k_test.jsonl"), gsm8k, 4)
   workdir = tmp_path / "work"
