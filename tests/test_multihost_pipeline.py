@@ -142,8 +142,9 @@ def test_two_process_pipeline_resumes_and_equals_one_process(tmp_path):
 
   # Equal to one process on 8 devices: the same evaluations, rollouts, decisions...
   want, got = (json.loads((d / "results.json").read_text()) for d in (single, multi))
-  assert set(got) == set(want) == {"init", *STAGES}
-  for stage in want:
+  assert set(got) == set(want) == {"init", "data", *STAGES}
+  assert got["data"] == want["data"]  # every process dropped the same rows
+  for stage in ("init", *STAGES):
     for key in ("accuracy", "mean_length", "mean_length_correct", "mean_length_incorrect",
                 "truncation_rate", "hesitation_mean_per_response", "settings"):
       assert json.dumps(got[stage][key]) == json.dumps(want[stage][key]), (stage, key)

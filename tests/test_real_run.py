@@ -72,25 +72,35 @@ def _preset(path, **overrides):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("tpu", ["v5p-8", "v5e-16"])
 def test_preset_dry_run_on_the_real_configs(name, tpu, tmp_path):
+  """The plan --dry_run prints (pipeline.plan; the CLI path is test_the_run_builds_...)."""
   path, size = PRESETS[name]
   ckpt = _checkpoint_dir(tmp_path / "ckpt", real_files.CONFIGS[size])
-  proc, _ = helpers.run(path, tmp_path / "work", "--dry_run", f"--config.init_from={ckpt}",
-                        f"--config.plan.tpu={tpu}",
-                        f"--config.data.train_path={real_files.data_file('gsm8k_train.jsonl')}",
-                        *_sets(_real_sets), timeout=300)
-  helpers.assert_ok(proc)
-  out = proc.stdout
+  # AIME24 as training data: its longest teacher prompts (solution included) are over the
+  # presets' 2,048-token bucket, so the plan must show rows dropped.
+  cfg = _preset(path, init_from=ckpt, **{"plan.tpu": tpu,
+                                         "data.train_path": real_files.data_file(
+                                             "aime24_test.jsonl")})
+  for set_name in ("math500", "aime24", "aime25"):
+    cfg.eval.sets[set_name].path = _real_sets(set_name)
+  out = pipeline.plan(config_lib.validate(cfg), str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists(), "a dry run wrote files"
   with open(real_files.CONFIGS[size]) as f:
     real = json.load(f)
   assert f"d_model={real['hidden_size']} layers={real['num_hidden_layers']}" in out
   assert "vocab=151936" in out
   assert "dtype=bfloat16 param_dtype=bfloat16 remat=full" in out
   assert f"chips of {tpu}" in out
+  for stage in ("opsd",):
+    assert any(l.startswith(f"stage {stage}:") or l.startswith("grid:") for l in
+               out.splitlines()), out
   # Every set is read and fitted before any compute, and the plan says so.
   data_lines = [l for l in out.splitlines() if l.startswith("data ")]
   assert {l.split(":")[0] for l in data_lines} == {"data train", "data math500", "data aime24",
                                                     "data aime25"}
-  assert any("7473 rows read" in l for l in data_lines), data_lines
+  train_line = next(l for l in data_lines if l.startswith("data train"))
+  assert "30 rows read" in train_line and "teacher prompt over 2048 tokens" in train_line, \
+      train_line
+  assert any("500 rows read" in l and "all 500 rows fit" in l for l in data_lines), data_lines
 
 
 def test_the_run_builds_what_the_dry_run_planned(tmp_path):
@@ -194,7 +204,8 @@ def test_scaled_down_real_run_end_to_end(tied, tmp_path):
       "--config.opsd.checkpoint_every=1",
       "--config.sampling.max_new_tokens=8", "--config.sampling.continuous_batching=False",
       "--config.eval.max_new_tokens=8", "--config.eval.samples_per_problem=1",
-      "--config.eval.sets.aime24.samples_per_problem=2", "--config.eval.batch_size=8",
+      "--config.eval.sets.aime24.samples_per_problem=2",
+      "--config.eval.sets.aime25.samples_per_problem=1", "--config.eval.batch_size=8",
       "--config.mesh.fsdp=1", "--config.loss_chunk=64", timeout=600)
   helpers.assert_ok(proc)
   assert seconds < 180, f"the scaled-down real run took {seconds:.0f} s"
