@@ -56,6 +56,7 @@ class Run:
   eval_sets: dict[str, list[dict]]  # benchmark name -> its problems (benchmarks.py)
   logger: metrics.Logger
   grader: Any
+  sampler: rollouts_lib.Sampler  # the run's model config; a stage with LoRA derives its own
   data_report: dict = dataclasses.field(default_factory=dict)  # rows dropped at load, per set
 
   @property
@@ -241,8 +242,9 @@ def setup(cfg, workdir) -> Run:
   data_report = {name: dict(counts.get(name, {}), fit=r.to_dict()) for name, r in reports.items()}
   for r in reports.values():
     _say(f"data {r.line()}")
+  sampler = rollouts_lib.Sampler.build(model_cfg, mesh, tok, template, grader, cfg.sampling)
   return Run(cfg, workdir, model_cfg, mesh, tok, template, train, sets, metrics.Logger(workdir),
-             grader, data_report)
+             grader, sampler, data_report)
 
 
 def initial_params(run: Run):

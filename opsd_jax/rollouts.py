@@ -10,6 +10,7 @@ tokens), completion_mask [N, C]. Completion token c sits at index P + c.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,6 +20,33 @@ from opsd_jax import prompts as prompts_lib
 from opsd_jax import sampling
 
 COMPLETION_MULTIPLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """What sampling and grading need, and nothing else: built once per stage (the stage's model
+  config, LoRA adapters included, and its parameter shardings computed once)."""
+  model_cfg: Any
+  mesh: Any
+  param_shardings: Any
+  tok: Any
+  template: Any
+  grader: Any
+  prompt_buckets: tuple[int, ...]
+  continuous_batching: bool = False
+  num_slots: int | None = None
+
+  @classmethod
+  def build(cls, model_cfg, mesh, tok, template, grader, sampling_cfg) -> "Sampler":
+    """From the experiment's `sampling` section; shardings are computed here, once."""
+    return cls(model_cfg, mesh, parallel.param_shardings(model_cfg, mesh), tok, template, grader,
+               tuple(int(b) for b in sampling_cfg.prompt_buckets),
+               bool(sampling_cfg.continuous_batching), int(sampling_cfg.num_slots) or None)
+
+  def with_model(self, model_cfg) -> "Sampler":
+    """The same sampler for another model config (a stage with LoRA adapters)."""
+    return dataclasses.replace(self, model_cfg=model_cfg,
+                               param_shardings=parallel.param_shardings(model_cfg, self.mesh))
 
 
 @dataclasses.dataclass
@@ -39,38 +67,37 @@ class Rollouts:
     return ~self.finished
 
 
-def student_prompts(run, problems, thinking: bool = True) -> list[list[int]]:
-  return [prompts_lib.student(run.tok, run.template, p["question"], thinking=thinking)
+def student_prompts(sampler: Sampler, problems, thinking: bool = True) -> list[list[int]]:
+  return [prompts_lib.student(sampler.tok, sampler.template, p["question"], thinking=thinking)
           for p in problems]
 
 
-def sample_and_grade(run, params, problems, *, num_samples, temperature, top_p, top_k,
-                     max_new_tokens, rng, batch_size=None, thinking=True) -> Rollouts:
+def sample_and_grade(sampler: Sampler, params, problems, *, num_samples, temperature, top_p,
+                     top_k, max_new_tokens, rng, batch_size=None, thinking=True) -> Rollouts:
   """Samples `num_samples` completions per problem (prompt-major) and grades each. Multi-host:
   `problems` is the global list (the same on every process, see parallel.gather_rows), and so is
   the result; the sampler feeds each process's rows from its devices. `thinking`
   is the student's mode: on for RLVR and evaluation (the Qwen3 thinking convention); OPSD passes
   opsd.student_thinking (Paper A distils a thinking-off student)."""
-  prompt_ids = student_prompts(run, problems, thinking)
+  prompt_ids = student_prompts(sampler, problems, thinking)
   batch_size = len(problems) if batch_size is None else max(1, batch_size // num_samples)
   parts = []
   for i, start in enumerate(range(0, len(problems), batch_size)):
     out = sampling.generate(
-        run.model_cfg, params, prompt_ids[start:start + batch_size], rng=jax.random.fold_in(rng, i),
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        num_samples=num_samples, eos_ids=run.tok.eos_ids,
-        prompt_buckets=tuple(run.cfg.sampling.prompt_buckets),
-        continuous_batching=run.cfg.sampling.continuous_batching,
-        num_slots=run.cfg.sampling.num_slots or None, mesh=run.mesh)
+        sampler.model_cfg, params, prompt_ids[start:start + batch_size],
+        rng=jax.random.fold_in(rng, i), max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, num_samples=num_samples, eos_ids=sampler.tok.eos_ids,
+        prompt_buckets=sampler.prompt_buckets, continuous_batching=sampler.continuous_batching,
+        num_slots=sampler.num_slots, mesh=sampler.mesh)
     parts.append(out)
   tokens = _pad_cat([o.tokens for o in parts], max_new_tokens)
   logprobs = _pad_cat([o.logprobs for o in parts], max_new_tokens).astype(np.float32)
   lengths = np.concatenate([o.lengths for o in parts])
   finished = np.concatenate([o.finished for o in parts])
-  texts = [run.tok.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
+  texts = [sampler.tok.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
   problem_ids = np.repeat(np.arange(len(problems)), num_samples)
   golds = [problems[i]["answer"] for i in problem_ids]
-  graded_correct, extracted, timed_out = _grade_shared(run.grader, texts, golds)
+  graded_correct, extracted, timed_out = _grade_shared(sampler.grader, texts, golds)
   correct = graded_correct & finished  # a truncated response is incorrect
   return Rollouts(problem_ids, [prompt_ids[i] for i in problem_ids], tokens, lengths, finished,
                   logprobs, texts, correct, extracted, timed_out)

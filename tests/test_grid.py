@@ -98,7 +98,7 @@ def test_thinking_off_rollouts_continue_the_thinking_off_prompt(tiny_run):
   r = tiny_run
   params = parallel.init_params(r.model_cfg, jax.random.key(3), r.mesh)
   problems, steps = r.test[:3], 8
-  ro = rollouts.sample_and_grade(r, params, problems, num_samples=1, temperature=0.0, top_p=1.0,
+  ro = rollouts.sample_and_grade(r.sampler, params, problems, num_samples=1, temperature=0.0, top_p=1.0,
                                  top_k=0, max_new_tokens=steps, rng=jax.random.key(0),
                                  thinking=False)
   eos = r.tok.eos_ids[0]

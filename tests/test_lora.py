@@ -317,7 +317,7 @@ def test_stage_loop_checkpoints_adapters_and_resumes_on_the_same_base(base, tmp_
   """StageLoop with lora.rank > 0: the state trains adapters on the given base; a checkpoint holds
   adapters + optimizer state (not the base); a new loop on the same base resumes them exactly,
   a different base is refused; the stage output is the merged model."""
-  from opsd_jax import checkpoint, metrics, pipeline
+  from opsd_jax import checkpoint, metrics, pipeline, rollouts
   from opsd_jax.train import loop
 
   c = default_config()
@@ -325,10 +325,11 @@ def test_stage_loop_checkpoints_adapters_and_resumes_on_the_same_base(base, tmp_
   c.sft.steps = 1
   mesh = single_device()
   base = jax.device_put(base, parallel.param_shardings(BASE, mesh))
-  run = pipeline.Run(c, str(tmp_path), BASE, mesh, None, None, [], [],
-                     metrics.Logger(str(tmp_path), tensorboard=False), None)
+  sampler = rollouts.Sampler.build(BASE, mesh, None, None, None, c.sampling)
+  run = pipeline.Run(c, str(tmp_path), BASE, mesh, None, None, [], {},
+                     metrics.Logger(str(tmp_path), tensorboard=False), None, sampler)
   lp = loop.StageLoop(run, "sft", base, total_steps=1, learning_rate=1e-2)
-  assert lp.model_cfg == LORA and lp.sampling_run.model_cfg == LORA
+  assert lp.model_cfg == LORA and lp.sampler.model_cfg == LORA
   assert adapter_shapes(lp.state.params) == adapter_shapes(lora.init_adapters(LORA,
                                                                              jax.random.key(0)))
   step = steps.make_sft_step(lp.model_cfg, c.sft, lp.optimizer, mesh, chunk=4)

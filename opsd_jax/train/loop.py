@@ -23,7 +23,6 @@ and gradient and the real guard and loop handle it.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -114,8 +113,8 @@ class StageLoop:
     lora_section = run.cfg.get("lora")
     self.model_cfg = (run.model_cfg if lora_section is None
                       else lora.with_config(run.model_cfg, lora_section))
-    # What the sampler gets: the same run, with the model config that applies the adapters.
-    self.sampling_run = dataclasses.replace(run, model_cfg=self.model_cfg)
+    # What the sampler gets: the run's, with the model config that applies the adapters.
+    self.sampler = run.sampler.with_model(self.model_cfg)
     # The schedule counts optimizer updates: RLVR/OPSD make several per rollout batch.
     opt_cfg = run.cfg.optimizer
     if getattr(run.cfg, stage).warmup_steps >= 0:  # the stage's own warmup

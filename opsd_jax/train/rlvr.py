@@ -45,7 +45,7 @@ def train(run, params):
   for step in lp.steps():
     problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
     ro = rollouts_lib.sample_and_grade(
-        lp.sampling_run, lp.model_params(), problems, num_samples=c.group_size,
+        lp.sampler, lp.model_params(), problems, num_samples=c.group_size,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
         rng=lp.next_rng(step))
     r_PG = rewards(ro, cfg).reshape(len(problems), c.group_size)
