@@ -1,4 +1,4 @@
-"""Grader throughput: 1,000 checks per batch through `verify.Grader`, with the peer side by side.
+"""Grader throughput: 1,000 checks per batch through `grader.Grader`, with the peer side by side.
 
 Batches (each 1,000 responses, golds alongside):
   toy_integers   "<think>..</think> \\boxed{N}" vs integer golds: the parent's exact fast path
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from opsd_jax import verify  # noqa: E402
+from opsd_jax import grader as grader_lib  # noqa: E402
 
 
 def emit(**fields):
@@ -72,7 +72,7 @@ def main():
   rng = np.random.default_rng(0)
   n = args.n
 
-  with verify.Grader(num_workers=args.workers, timeout_s=args.timeout) as grader:
+  with grader_lib.Grader(num_workers=args.workers, timeout_s=args.timeout) as grader:
     start = time.perf_counter()
     grader.grade([r"\boxed{\sqrt{4}}"], ["2"])
     emit(bench="verify", batch="pool_start", seconds=round(time.perf_counter() - start, 3),

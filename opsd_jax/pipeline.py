@@ -232,9 +232,9 @@ def setup(cfg, workdir) -> Run:
   train, sets, tok, counts = load_data(cfg, workdir)
   model_cfg = model_config(cfg, tok.vocab_size)
   _check_vocab(model_cfg, tok)
-  from opsd_jax import verify
-  grader = verify.Grader(timeout_s=cfg.eval.verify_timeout_s,
-                         after_think=cfg.eval.answer_after_think)
+  from opsd_jax import grader as grader_lib
+  grader = grader_lib.Grader(timeout_s=cfg.eval.verify_timeout_s,
+                             after_think=cfg.eval.answer_after_think)
   metrics.write_text_atomic(os.path.join(workdir, "config.json"),
                             cfg.to_json_best_effort(indent=2))
   template = tokenizer_lib.chat_template(tok, cfg.tokenizer.chat_template)

@@ -12,6 +12,7 @@ import math_verify
 import numpy as np
 import pytest
 
+from opsd_jax import grader as grader_lib
 from opsd_jax import verify
 
 CASES = [json.loads(line) for line in
@@ -21,7 +22,7 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def grader():
-  with verify.Grader(num_workers=2, timeout_s=TIMEOUT_S) as g:
+  with grader_lib.Grader(num_workers=2, timeout_s=TIMEOUT_S) as g:
     yield g
 
 
@@ -233,7 +234,7 @@ def test_timeout_is_counted_and_the_pool_recovers(grader):
 def test_hard_limit_kills_a_stuck_worker():
   """A worker that cannot even take its soft alarm (stopped here with SIGSTOP) is killed at the
   hard limit and replaced; the batch still completes."""
-  with verify.Grader(num_workers=1, timeout_s=1.5) as g:
+  with grader_lib.Grader(num_workers=1, timeout_s=1.5) as g:
     assert g.grade([r"\boxed{\sqrt{9}}"], ["3"]).correct[0]  # started and warm
     pid = g._workers[0].process.pid
     stopper = threading.Timer(0.3, os.kill, (pid, signal.SIGSTOP))
@@ -250,7 +251,7 @@ def test_hard_limit_kills_a_stuck_worker():
 
 
 def test_worker_that_dies_is_replaced():
-  with verify.Grader(num_workers=1, timeout_s=TIMEOUT_S) as g:
+  with grader_lib.Grader(num_workers=1, timeout_s=TIMEOUT_S) as g:
     assert g.grade([r"\boxed{\sqrt{9}}"], ["3"]).correct[0]
     worker = g._workers[0]
     os.kill(worker.process.pid, signal.SIGKILL)
@@ -262,11 +263,11 @@ def test_worker_that_dies_is_replaced():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="2 texts but 1 golds"):
-    verify.Grader().grade(["a", "b"], ["1"])
+    grader_lib.Grader().grade(["a", "b"], ["1"])
   with pytest.raises(ValueError, match="num_workers"):
-    verify.Grader(num_workers=0)
+    grader_lib.Grader(num_workers=0)
   with pytest.raises(ValueError, match="timeout_s"):
-    verify.Grader(timeout_s=0)
+    grader_lib.Grader(timeout_s=0)
 
 
 def test_module_level_grade():

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from opsd_jax import grader as grader_lib
 from opsd_jax import verify
 from pipeline_helpers import record_fuzz_counts
 
@@ -79,7 +80,7 @@ def test_extract_answer_finds_the_last_box_exactly(prefix, content, suffix):
 
 @pytest.fixture(scope="module")
 def grader():
-  with verify.Grader(num_workers=NUM_WORKERS, timeout_s=TIMEOUT_S) as g:
+  with grader_lib.Grader(num_workers=NUM_WORKERS, timeout_s=TIMEOUT_S) as g:
     yield g
 
 
@@ -101,7 +102,7 @@ def test_grader_fuzz(grader, tmp_path):
     start = time.perf_counter()
     result = grader.grade(texts, gold_list)
     elapsed = time.perf_counter() - start
-    pairs = len(set((verify._normalize(e), g) for e, g, fast, long in
+    pairs = len(set((verify.normalize(e), g) for e, g, fast, long in
                     zip(result.extracted, gold_list, result.fast_path, result.too_long)
                     if e is not None and not fast and not long))
     # Hard limit per check, NUM_WORKERS in parallel, plus restarts of killed workers.

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opsd_jax import evaluate
+from opsd_jax import grader as grader_lib
 from opsd_jax import verify
 
 TIMEOUT_S = 3.0
@@ -45,7 +46,7 @@ REOPENED = ("<think>\nSo it is 4.\n</think>\n\n\\boxed{4}\n\n<think>\nWait, let 
 
 @pytest.fixture(scope="module")
 def grader():
-  with verify.Grader(num_workers=2, timeout_s=TIMEOUT_S) as g:
+  with grader_lib.Grader(num_workers=2, timeout_s=TIMEOUT_S) as g:
     yield g
 
 
@@ -128,7 +129,7 @@ def test_grader_verdicts_on_reasoning_responses(grader):
 
 
 def test_grader_after_think_false_reads_the_whole_text():
-  with verify.Grader(num_workers=1, timeout_s=TIMEOUT_S, after_think=False) as g:
+  with grader_lib.Grader(num_workers=1, timeout_s=TIMEOUT_S, after_think=False) as g:
     result = g.grade([BOXED_ONLY_IN_THOUGHT, UNCLOSED, DRAFT_THEN_FINAL], ["51", "24", "1/6"])
   np.testing.assert_array_equal(result.correct, [True, True, True])
   assert not result.unclosed_think.any()
