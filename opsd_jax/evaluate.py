@@ -1,7 +1,7 @@
 """Evaluation metrics over graded samples, markdown tables, and plots.
 
 Pure functions of per-sample arrays (problem index, correct, response length in tokens, truncated,
-response text); the grading itself is `verify.Grader`, the same one that gives RLVR its reward.
+response text); the grading itself is `grader.Grader`, the same one that gives RLVR its reward.
 
 Several named benchmarks per run are reported from the results layout
 `results[stage]["benchmarks"][name] = summarize(...) (+ "settings": {..., "thinking": bool})`:
@@ -288,8 +288,8 @@ def paper_summary(results: dict, stages: Sequence[str], benchmarks: Sequence[str
   `accuracy_pct`: mean over the benchmarks of avg@n accuracy, in percent; `mean_length`: mean over
   the benchmarks of the mean response length (tokens), so each benchmark weighs the same whatever
   its size. Against the previous stage (`against`): `accuracy_change_points` (percentage points)
-  and `length_change_pct` (relative length, %), and `change` in words, as Kim & Lee report OPSD's
-  compaction ("31.9 % shorter at -0.4 points"). A stage missing one of the benchmarks has NaN
+  and `length_change_pct` (relative length, %), and `change` in words, the way Kim & Lee state
+  OPSD's compaction ("x % shorter at +-y points"). A stage missing one of the benchmarks has NaN
   means (not comparable); `benchmarks` counts the ones it has.
   """
   evaluated = dict.fromkeys(stage for stage, _, _ in
