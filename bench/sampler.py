@@ -191,7 +191,7 @@ def bench_position(params, repeats):
            ms_per_token=per_token[length] * 1e3)
     emit(bench="position", batch=batch, impl="opsd_jax",
          ratio_1024_over_128=per_token[1024] / per_token[128])
-    extra_cache = jax.eval_shape(lambda: model.init_cache(CFG, batch, extra_slots))
+    extra_cache = jax.eval_shape(lambda: kv_cache.init_cache(CFG, batch, extra_slots))
     extra_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(extra_cache))
     rate = stream_bytes_per_s(extra_bytes)
     emit(bench="position", batch=batch, impl="stream_rate", extra_cache_MiB=extra_bytes / 2**20,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from opsd_jax import host_malloc, model, parallel  # noqa: E402
+from opsd_jax import host_malloc, kernels, model, parallel  # noqa: E402
 from opsd_jax.config import ModelConfig, default_config  # noqa: E402
 from opsd_jax.train import optim, state as state_lib, steps  # noqa: E402
 
@@ -76,7 +76,7 @@ def dots_floor(batch, seq, iters):
   G = cfg.n_heads // K
   shapes = [(D, cfg.n_heads * H), (D, K * H), (D, K * H), (cfg.n_heads * H, D),
             (D, F), (D, F), (F, D)]
-  edges = model.causal_block_edges(seq)
+  edges = kernels.causal_block_edges(seq)
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
 

@@ -1,9 +1,12 @@
 """Decoder-only transformer covering Llama 3, Qwen2/2.5 and Qwen3 by flags (see ModelConfig).
 
 RMSNorm, RoPE (with Llama-3 / linear scaling), grouped-query attention, SwiGLU, layers scanned
-(`nn.scan`; unrolled up to 8 layers) so compile time does not grow with depth. Every parameter
+(`nn.scan`; unrolled when shallow) so compile time does not grow with depth. Every parameter
 carries logical axis names (`parallel.py` maps them onto the mesh). Positions and a segment-id
 mask are explicit, so left-padded and packed batches are exact.
+
+This file is the architecture; the XLA:CPU-tuned forms of its matmuls, SwiGLU, unembedding and
+attention are in `kernels.py`, the KV cache's layout and its attention in `kv_cache.py`.
 
 Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
   embed/embedding [V, D]; lm_head/kernel [D, V] (untied only); final_norm/scale [D];
@@ -14,15 +17,12 @@ Parameters are a plain pytree (what `init` returns, what `hf.load` builds):
 With cfg.lora_rank > 0, each projection LoRA targets also holds lora_a [L, in dims, r] and
 lora_b [L, r, out dims] (float32; see `_lora_update`; opsd_jax/lora.py splits and merges them).
 
-Two entry points: `forward` (full sequence, no cache) and `forward_cached` (writes T new tokens
-into a KV cache at a per-row slot and attends to everything the cache holds; prefill is T = the
-prompt length, decode is T = 1). The cached path runs layers unrolled, over a stacked cache
-(CACHE_LAYOUT behind a layer axis) or one buffer per layer (`init_cache(per_layer=True)`,
-copy-free in a decode loop).
+Entry points: `forward` (full sequence, no cache; `hidden_states` + `unembed` in two halves) and
+`forward_cached` (writes T new tokens into a KV cache at a per-row slot and attends to everything
+the cache holds; prefill is T = the prompt length, decode is T = 1).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -30,28 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from opsd_jax import kernels, kv_cache
 from opsd_jax.config import ModelConfig
 
 Params = Any
-_NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
-
-# Layout of one layer's KV cache buffers: heads before slots, so decode attention reads each
-# head's cache without a transpose; keys with slots last, so each head's keys are a plain [H, S]
-# matrix on the right of the q @ k dot. A CPU decode step with the keys [S, H] instead: 19.6-20.0
-# against 16.7-17.4 ms at batch 8 with 1024 slots, 27.8 against 25.0 ms at batch 32 with 320.
-CACHE_LAYOUT = {"k": "BKHS", "v": "BKSH"}
-CACHE_SLOT_AXIS = {name: spec.index("S") for name, spec in CACHE_LAYOUT.items()}
-# A row's new keys or values [T, K, H] (their T slots) transposed to a buffer row's layout.
-_CACHE_PERM = {name: tuple("SKH".index(a) for a in spec[1:])
-               for name, spec in CACHE_LAYOUT.items()}
-
-
-def along_cache_slots(name, slots, rows, other):
-  """An index (or jnp.pad widths) over the axes of one layer's cache buffer `name` (k or v, in
-  CACHE_LAYOUT): `rows` on the batch axis, `slots` on the slot axis, `other` on the head axes."""
-  out = [other] * 4
-  out[0], out[CACHE_SLOT_AXIS[name]] = rows, slots
-  return tuple(out)
 
 
 def _dtype(name: str):
@@ -108,158 +90,8 @@ def apply_rope(x_BTNH, rope):
 
 
 # --------------------------------------------------------------------------------------------
-# Modules
+# Projections: named kernels (kernels.project runs the matmul), plus LoRA where it targets them
 # --------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-  cfg: ModelConfig
-  axis_name: str = "norm"
-
-  @nn.compact
-  def __call__(self, x):
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.cfg)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (x32 * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
-
-
-class Attention(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD, rope, mask_BTS, cache=None, cache_pos_B=None):
-    cfg = self.cfg
-    dt = _dtype(cfg.dtype)
-
-    def proj(name, heads, head_axis):
-      kernel = _Kernel(cfg, (cfg.d_model, heads, cfg.head_dim), ("embed", head_axis, "head_dim"),
-                       bias_shape=(heads, cfg.head_dim) if cfg.qkv_bias else None,
-                       bias_axes=(head_axis, "head_dim"), name=name)
-      return kernel(x_BTD, "BTD,DNH->BTNH")
-
-    q = proj("q_proj", cfg.n_heads, "heads")
-    k = proj("k_proj", cfg.n_kv_heads, "kv_heads")
-    v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
-    if cfg.qk_norm:
-      q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
-      k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
-    q = apply_rope(q, rope)
-    k = apply_rope(k, rope)
-
-    B, T, N, H = q.shape
-    # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
-    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(
-        B, T, cfg.n_kv_heads, N // cfg.n_kv_heads, H)
-    new_cache = None
-    if cache is not None:
-      # cache = this layer's (k, v) buffers in CACHE_LAYOUT. Each row writes its T new slots at
-      # its own position, in place: a vmapped dynamic_update_slice, i.e. a scatter with a batch
-      # dim, which the partitioner keeps local when rows are sharded (explicit row indices made it
-      # all-gather every update per step).
-      def writer(name):
-        def write(buf, new_TKH, pos):
-          start = [0, 0, 0]
-          start[CACHE_SLOT_AXIS[name] - 1] = pos
-          return jax.lax.dynamic_update_slice(
-              buf, new_TKH.transpose(_CACHE_PERM[name]).astype(buf.dtype), start)
-        return jax.vmap(write)
-      write_k, write_v = writer("k"), writer("v")
-
-    if cache is None or T == cache[1].shape[CACHE_SLOT_AXIS["v"]]:
-      # A whole sequence attending to itself: the training forward (attention_mask is causal) or
-      # a prefill that fills the cache from slot 0 (forward_cached's mask, causal there too).
-      specs = ("BSKH", "BSKH")
-      if cache is not None:
-        new_cache = k, v = write_k(cache[0], k, cache_pos_B), write_v(cache[1], v, cache_pos_B)
-        specs = CACHE_LAYOUT["k"], CACHE_LAYOUT["v"]
-      out_BKGTH = _causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, *specs)
-    else:
-      # New tokens on a filled cache (decode; a prefill in chunks): attention reads the cache as
-      # it was and the new tokens beside it, then the new slots are written. Reading the written
-      # buffers instead compiled, at batch 1, to a second update fusion and two copies of every
-      # layer's cache per decode step.
-      out_BKGTH = _attend_cache_and_new(q, cache[0].astype(dt), cache[1].astype(dt), k.astype(dt),
-                                        v.astype(dt), mask_BTS, cache_pos_B)
-      # The writes must follow that read, or XLA copies each buffer to keep its old value
-      # readable (two copies per layer per step, at every batch size). Only a data dependency
-      # orders them (XLA CPU drops optimization barriers before copy insertion): the new keys and
-      # values plus 0 x the output, per (row, KV head), so nothing crosses devices.
-      zero_B1K1 = 0 * out_BKGTH[:, :, 0, :1, :1].transpose(0, 2, 1, 3)
-      new_cache = (write_k(cache[0], k + zero_B1K1, cache_pos_B),
-                   write_v(cache[1], v + zero_B1K1, cache_pos_B))
-    out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-    kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
-                           name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
-    # As a 2-D matmul over flattened heads: contracting (N, H) as two dims let XLA permute the
-    # loop-invariant kernel to the activation's layout at every decode step (1 MB per layer here).
-    y = _project("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
-    return _plus(y, lora), new_cache
-
-
-def _attend(q_BTKGH, k, v, mask_BTS, k_spec, v_spec):
-  """Softmax attention of grouped queries over keys and values laid out as k_spec and v_spec
-  (BSKH: the training forward's projections; CACHE_LAYOUT: cache buffers).
-  Returns the dot's own output order [B, K, G, T, H]: asking einsum for BTKGH directly lets XLA
-  pick an [.., H, G] layout that costs o_proj a transposed copy of its weights per decode step.
-
-  The softmax's normalisation divides the [.., T, H] output, not the [.., T, S] probabilities: one
-  pass fewer over the scores forward and backward (the 8 x 512 SFT step 2.74-2.89 -> 2.65-2.69 s
-  on CPU). The max is a shift the softmax does not depend on, so no gradient flows through it."""
-  scores = jnp.einsum(f"BTKGH,{k_spec}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
-  p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-  out = jnp.einsum(f"BKGTS,{v_spec}->BKGTH", p.astype(q_BTKGH.dtype), v)
-  return out / p.sum(-1, keepdims=True).astype(out.dtype)
-
-
-def _attend_cache_and_new(q_BTKGH, k_BKHS, v_BKSH, k_BTKH, v_BTKH, mask_BTS, cache_pos_B):
-  """`_attend` over a cache (CACHE_LAYOUT) as it was *before* row b's T new slots (from
-  cache_pos_b) were written, and over the new keys and values themselves: one softmax across both
-  parts. mask_BTS is forward_cached's mask over the written cache; the old part keeps its slots
-  before cache_pos_b, the new part its columns cache_pos_b .. cache_pos_b + T - 1."""
-  T, S = q_BTKGH.shape[1], v_BKSH.shape[2]
-  old_mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] < cache_pos_B[:, None, None])
-  new_mask_BTT = jax.vmap(lambda m_TS, pos: jax.lax.dynamic_slice_in_dim(m_TS, pos, T, axis=1))(
-      mask_BTS, cache_pos_B)
-  # Queries head-major first (free at T = 1): from [B, T, K, G, H] XLA CPU put the cache on the
-  # dot's left, transposed, and ran it 3x slower.
-  q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
-  old = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
-  new = jnp.einsum("BKGTH,BUKH->BKGTU", q_BKGTH, k_BTKH, preferred_element_type=jnp.float32)
-  old = jnp.where(old_mask_BTS[:, None, None], old, _NEG_INF)
-  new = jnp.where(new_mask_BTT[:, None, None], new, _NEG_INF)
-  top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
-  p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
-  total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-  dt = q_BTKGH.dtype
-  return (jnp.einsum("BKGTS,BKSH->BKGTH", (p_old / total).astype(dt), v_BKSH)
-          + jnp.einsum("BKGTU,BUKH->BKGTH", (p_new / total).astype(dt), v_BTKH))
-
-
-# Causal attention over a whole sequence runs in this many query blocks, each against the keys up
-# to its own end: (n + 1) / 2n of the T x T scores are computed instead of all, and each block's
-# scores stay cache-sized. Measured on CPU at T = 512 (8 x 8 heads, forward + backward): 85 ms
-# against 161 ms for one T x T pass. Blocks shorter than _MIN_QUERY_BLOCK are not worth a dot.
-_CAUSAL_BLOCKS = 8
-_MIN_QUERY_BLOCK = 64
-
-
-def causal_block_edges(T: int) -> list[int]:
-  """Query block boundaries [0, ..., T] of `_causal_attention` over T positions."""
-  blocks = max(1, min(_CAUSAL_BLOCKS, T // _MIN_QUERY_BLOCK))
-  return [round(i * T / blocks) for i in range(blocks + 1)]
-
-
-def _causal_attention(q_BTKGH, k, v, mask_BTS, k_spec, v_spec):
-  """`_attend` for a sequence attending to itself (S = T) under a causal mask_BTS: keys after a
-  query block's last query are masked for all of it, so they are left out, not computed."""
-  edges = causal_block_edges(q_BTKGH.shape[1])
-  first = lambda x, spec, b: jax.lax.slice_in_dim(x, 0, b, axis=spec.index("S"))  # noqa: E731
-  outs = [_attend(q_BTKGH[:, a:b], first(k, k_spec, b), first(v, v_spec, b),
-                  mask_BTS[:, a:b, :b], k_spec, v_spec)
-          for a, b in zip(edges[:-1], edges[1:])]
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
 class _Kernel(nn.Module):
@@ -275,33 +107,11 @@ class _Kernel(nn.Module):
   def __call__(self, x, spec):
     dt = _dtype(self.cfg.dtype)
     kernel = _param(self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.cfg)
-    y = _project(spec, x.astype(dt), kernel.astype(dt))
+    y = kernels.project(spec, x.astype(dt), kernel.astype(dt))
     if self.bias_shape is not None:
       bias = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
       y = y + bias.astype(dt)
     return _plus(y, _lora_update(self, x, spec))
-
-
-def _spec_parts(spec):
-  """"x,kernel->y" -> (x, kernel, y): the projection einsums' three operand specs."""
-  x_spec, rest = spec.split(",")
-  return (x_spec, *rest.split("->"))
-
-
-def _project(spec, x, kernel):
-  """jnp.einsum(spec, x, kernel) for a projection whose contracted dims trail x and lead kernel
-  ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), run as ONE 2-D matmul over flattened dims. The reshapes are
-  bitcasts, and the backward's transposed operand for dW is then a 2-D transpose, which XLA CPU
-  copies ~5x faster than the equivalent 4-D one (the [B, T, N, H] -> [N, H, B, T] copies of the
-  einsum form cost 7 vs 1.4 ms each at 8 x 512). Other specs fall back to the einsum."""
-  x_spec, k_spec, y_spec = _spec_parts(spec)
-  n_in = sum(c in x_spec for c in k_spec)
-  if (k_spec[:n_in] != x_spec[len(x_spec) - n_in:]
-      or y_spec != x_spec[:len(x_spec) - n_in] + k_spec[n_in:]):
-    return jnp.einsum(spec, x, kernel)
-  lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]
-  y = jnp.dot(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
-  return y.reshape(*lead, *out)
 
 
 class _Weight(nn.Module):
@@ -339,7 +149,7 @@ def _lora_update(module, x, spec):
     return None
   if not module.is_initializing() and not module.has_variable("params", "lora_a"):
     return None
-  x_spec, k_spec, y_spec = _spec_parts(spec)
+  x_spec, k_spec, y_spec = kernels.spec_parts(spec)
   ins = [i for i, c in enumerate(k_spec) if c in x_spec]    # contracted with x
   outs = [i for i, c in enumerate(k_spec) if c not in x_spec]
   r = cfg.lora_rank
@@ -361,68 +171,67 @@ def _lora_update(module, x, spec):
   return (cfg.lora_alpha / r) * delta
 
 
-@jax.custom_vjp
-def _swiglu(x_BTD, gate_DF, up_DF, lora):
-  """silu(x @ gate) * (x @ up), plus LoRA's updates of the two products when given (lora: None or
-  (gate update, up update), each [B, T, F] or None).
-
-  A hand-written backward over flattened tokens, four plain 2-D dots: autodiff of the fused form
-  built the gate/up cotangent by padding and adding slices and ran its dots through transposed
-  copies (fwd + bwd of one MLP at 8 x 512 on CPU: 210-218 ms against 265-293)."""
-  return _swiglu_fwd(x_BTD, gate_DF, up_DF, lora)[0]
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
 
 
-def _swiglu_fwd(x_BTD, gate_DF, up_DF, lora):
-  B, T, D = x_BTD.shape
-  x_ND = x_BTD.reshape(B * T, D)
-  gate, up = x_ND @ gate_DF, x_ND @ up_DF
-  if lora is not None:
-    gate, up = [y if d is None else y + d.reshape(y.shape).astype(y.dtype)
-                for y, d in zip((gate, up), lora)]
-  h = (nn.silu(gate) * up).reshape(B, T, -1)
-  return h, (x_ND, gate_DF, up_DF, gate, up, lora)
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.cfg)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x32 * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
 
 
-def _swiglu_bwd(res, d_h_BTF):
-  x_ND, gate_DF, up_DF, gate, up, lora = res
-  d_h = d_h_BTF.reshape(gate.shape)
-  sig = jax.nn.sigmoid(gate)
-  d_gate = d_h * up * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = s (1 + g (1 - s))
-  d_up = d_h * gate * sig
-  d_x = jnp.einsum("NF,DF->ND", d_gate, gate_DF) + jnp.einsum("NF,DF->ND", d_up, up_DF)
-  d_gate_DF, d_up_DF = x_ND.T @ d_gate, x_ND.T @ d_up
-  if lora is not None:
-    lora = tuple(None if d is None else g.reshape(d.shape).astype(d.dtype)
-                 for d, g in zip(lora, (d_gate, d_up)))
-  return d_x.reshape(d_h_BTF.shape[:2] + x_ND.shape[1:]), d_gate_DF, d_up_DF, lora
+class Attention(nn.Module):
+  """Grouped-query attention. Without a cache, a sequence attends to itself (mask_BTS causal);
+  with one (this layer's (k, v) buffers, kv_cache.CACHE_LAYOUT), the T new tokens are written at
+  each row's cache_pos and attend to every valid slot. Returns (y, the new cache or None)."""
+  cfg: ModelConfig
 
+  @nn.compact
+  def __call__(self, x_BTD, rope, mask_BTS, cache=None, cache_pos_B=None):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
 
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    def proj(name, heads, head_axis):
+      kernel = _Kernel(cfg, (cfg.d_model, heads, cfg.head_dim), ("embed", head_axis, "head_dim"),
+                       bias_shape=(heads, cfg.head_dim) if cfg.qkv_bias else None,
+                       bias_axes=(head_axis, "head_dim"), name=name)
+      return kernel(x_BTD, "BTD,DNH->BTNH")
 
+    q = proj("q_proj", cfg.n_heads, "heads")
+    k = proj("k_proj", cfg.n_kv_heads, "kv_heads")
+    v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
+      k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope)
 
-@jax.custom_vjp
-def _tied_unembed(h_BTD, embedding_VD):
-  """Logits h @ embedding^T. The backward forms the table's gradient as (h^T @ d_logits)^T:
-  autodiff's d_logits^T @ h copied the [tokens, V] logit gradient to V-major first, a transpose
-  of the largest array of the step (per 256-token chunk at V = 8192: 67 MB)."""
-  return jnp.einsum("BTD,VD->BTV", h_BTD, embedding_VD)
-
-
-def _tied_unembed_fwd(h_BTD, embedding_VD):
-  return _tied_unembed(h_BTD, embedding_VD), (h_BTD, embedding_VD)
-
-
-def _tied_unembed_bwd(res, d_logits_BTV):
-  h_BTD, embedding_VD = res
-  d_NV = d_logits_BTV.reshape(-1, d_logits_BTV.shape[-1])
-  d_embedding = (h_BTD.reshape(-1, h_BTD.shape[-1]).T @ d_NV).T
-  return (d_logits_BTV @ embedding_VD).astype(h_BTD.dtype), d_embedding.astype(embedding_VD.dtype)
-
-
-_tied_unembed.defvjp(_tied_unembed_fwd, _tied_unembed_bwd)
+    B, T, N, H = q.shape
+    # 1/sqrt(H) on q (T x N x H values), not on the scores (T x S x N), in f32 before the cast.
+    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(dt).reshape(
+        B, T, cfg.n_kv_heads, N // cfg.n_kv_heads, H)
+    if cache is None:
+      new_cache = None
+      out_BKGTH = kernels.causal_attention(q, k.astype(dt), v.astype(dt), mask_BTS, "BSKH", "BSKH")
+    else:
+      out_BKGTH, new_cache = kv_cache.attend_and_write(q, k, v, mask_BTS, cache, cache_pos_B)
+    out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    kernel, lora = _Weight(cfg, (N, H, cfg.d_model), ("heads", "head_dim", "embed"),
+                           name="o_proj")(out_BTNH, "BTNH,NHD->BTD")
+    y = kernels.project("BTNH,NHD->BTD", out_BTNH, kernel.astype(dt))
+    return _plus(y, lora), new_cache
 
 
 class MLP(nn.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
   cfg: ModelConfig
 
   @nn.compact
@@ -433,13 +242,13 @@ class MLP(nn.Module):
         _Weight(cfg, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)(
             x_BTD, "BTD,DF->BTF") for name in ("gate", "up")]
     lora = None if gate_lora is None and up_lora is None else (gate_lora, up_lora)
-    h = _swiglu(x_BTD.astype(dt), gate_w.astype(dt), up_w.astype(dt), lora)
+    h = kernels.swiglu(x_BTD.astype(dt), gate_w.astype(dt), up_w.astype(dt), lora)
     return _Kernel(cfg, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), name="down")(h, "BTF,FD->BTD")
 
 
 class Block(nn.Module):
-  """One pre-norm layer: carry = (x, this layer's cache {"k", "v"} (CACHE_LAYOUT) or None), so
-  a scan over layers (training) and the unrolled cached forward share it."""
+  """One pre-norm layer: carry = (x, this layer's cache {"k", "v"} (kv_cache.CACHE_LAYOUT) or
+  None), so a scan over layers (training) and the unrolled cached forward share it."""
   cfg: ModelConfig
 
   @nn.compact
@@ -453,26 +262,6 @@ class Block(nn.Module):
     if cache is not None:
       cache = {"k": new_cache[0], "v": new_cache[1]}
     return (x, cache), None
-
-
-# Shallow models unroll the layer scan: the scan's stacked residual and gradient buffers (zero-filled
-# each step) cost ~7 % of a CPU train step at 6 layers; deep ones keep compile time flat.
-_MAX_UNROLLED_LAYERS = 8
-
-
-def _scan_unroll(cfg: ModelConfig) -> int:
-  return cfg.n_layers if cfg.n_layers <= _MAX_UNROLLED_LAYERS else 1
-
-
-def _batch_split(x_BTD):
-  """Activations split over the data axes on their batch dim, when a mesh is in context (the
-  train steps set one). Without it, FSDP's propagation shards them like the embedding table, over
-  d_model, and every device holds the whole batch's activations (measured on 8 CPU devices:
-  2-3.5x the per-device memory of a batch split, tests/test_memory.py)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "fsdp" not in mesh.axis_names:
-    return x_BTD
-  return jax.lax.with_sharding_constraint(x_BTD, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
 class Transformer(nn.Module):
@@ -494,26 +283,24 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                          length=cfg.n_layers, unroll=_scan_unroll(cfg),
+                          length=cfg.n_layers, unroll=kernels.scan_unroll(cfg.n_layers),
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = _Kernel(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
   def hidden(self, tokens_BT, positions_BT, mask_BTS):
-    x = _batch_split(self.embed(tokens_BT))
+    x = kernels.batch_split(self.embed(tokens_BT))
     dummy = jnp.zeros((self.cfg.n_layers,), jnp.int32)
-    # The tables row by row in a loop, whose outputs XLA must materialise: computed inline, XLA
-    # fused sin and cos into all 36 RoPE fusions of a 6-layer train step (forward and backward),
-    # evaluating them once per head per element, ~0.1 s of an 8 x 512 step on CPU.
-    rope = jax.lax.map(lambda positions_T: rope_tables(self.cfg, positions_T), positions_BT)
+    rope = kernels.rope_tables_per_row(lambda positions_T: rope_tables(self.cfg, positions_T),
+                                       positions_BT)
     (x, _), _ = self.layers((x, None), dummy, rope, mask_BTS, None)
     return self.final_norm(x)
 
   def unembed(self, h_BTD):
     if self.cfg.tie_embeddings:
       dt = _dtype(self.cfg.dtype)
-      return _tied_unembed(h_BTD.astype(dt), self.embed.embedding.astype(dt))
+      return kernels.tied_unembed(h_BTD.astype(dt), self.embed.embedding.astype(dt))
     return self.lm_head(h_BTD, "BTD,DV->BTV")
 
   def __call__(self, tokens_BT, positions_BT, mask_BTS):
@@ -587,20 +374,9 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD):
                                 method=Transformer.unembed).astype(jnp.float32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False):
-  """An empty KV cache: k [L, B, K, H, S] and v [L, B, K, S, H] (CACHE_LAYOUT, behind a layer
-  axis).
-
-  per_layer=True gives k and v as tuples of L buffers (CACHE_LAYOUT) instead: each layer's buffer is
-  then updated in place and read by attention directly, where slicing a layer out of the stacked
-  buffer costs a copy of it per step (the form the sampler's decode loop carries)."""
-  dtype = _dtype(cfg.dtype) if dtype is None else dtype
-  sizes = dict(B=batch, K=cfg.n_kv_heads, S=length, H=cfg.head_dim)
-  shapes = {name: tuple(sizes[a] for a in spec) for name, spec in CACHE_LAYOUT.items()}
-  if per_layer:
-    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-            for name, shape in shapes.items()}
-  return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name, shape in shapes.items()}
+# --------------------------------------------------------------------------------------------
+# Cached forward (prefill and decode; the cache itself: kv_cache.py)
+# --------------------------------------------------------------------------------------------
 
 
 def unstack_layers(params: Params) -> Params:
@@ -620,19 +396,15 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, positions_BT, ca
   """Writes T tokens into cache slots [cache_pos_b, cache_pos_b + T) of each row b and attends,
   causally, to every valid slot. `kv_mask_BS` marks the valid slots *including* the new ones.
 
-  The cache is either form of `init_cache` (stacked or per_layer) and comes back in the same form;
-  params may be stacked or `unstack_layers`'d. Layers run unrolled (not scanned), so each layer's
-  cache buffer is updated in place and read without a copy. last_only unembeds only position T - 1.
+  The cache is either form of `kv_cache.init_cache` (stacked or per_layer) and comes back in the
+  same form; params may be stacked or `unstack_layers`'d. Layers run unrolled (not scanned), so
+  each layer's cache buffer is updated in place and read without a copy. last_only unembeds only
+  position T - 1.
 
   Returns (logits [B, T, V] float32 ([B, 1, V] with last_only), new cache).
   """
   stacked_cache = not isinstance(cache["k"], (tuple, list))
-  S = (cache["k"] if stacked_cache else cache["k"][0]).shape[CACHE_SLOT_AXIS["k"] + stacked_cache]
-  T = tokens_BT.shape[1]
-  slot_S = jnp.arange(S)
-  query_slot_BT = cache_pos_B[:, None] + jnp.arange(T)[None, :]
-  mask_BTS = kv_mask_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_BT[:, :, None])
-
+  mask_BTS = kv_cache.causal_mask(kv_mask_BS, cache_pos_B, tokens_BT.shape[1])
   layers = params["layers"]
   if isinstance(layers, (tuple, list)):
     layer_params = list(layers)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from opsd_jax import padding
 from opsd_jax import parallel
 from opsd_jax import prompts as prompts_lib
 from opsd_jax import sampling
@@ -88,7 +89,7 @@ def sample_and_grade(sampler: Sampler, params, problems, *, num_samples, tempera
         rng=jax.random.fold_in(rng, i), max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, num_samples=num_samples, eos_ids=sampler.tok.eos_ids,
         prompt_buckets=sampler.prompt_buckets, continuous_batching=sampler.continuous_batching,
-        num_slots=sampler.num_slots, mesh=sampler.mesh)
+        num_slots=sampler.num_slots, mesh=sampler.mesh, param_shardings=sampler.param_shardings)
     parts.append(out)
   tokens = _pad_cat([o.tokens for o in parts], max_new_tokens)
   logprobs = _pad_cat([o.logprobs for o in parts], max_new_tokens).astype(np.float32)
@@ -134,7 +135,7 @@ def completion_width(lengths_N, max_new_tokens: int, multiple: int = COMPLETION_
 def learner_batch(prompt_ids, tokens_NC, lengths_N, buckets, pad_id=0) -> dict[str, np.ndarray]:
   """[prompt | completion] sequences in the learner layout (see module doc); the completion width
   is tokens_NC's (trim it with `completion_width` first)."""
-  ids_NP, mask_NP = sampling.pad_prompts(prompt_ids, buckets, pad_id=pad_id)
+  ids_NP, mask_NP = padding.pad_prompts(prompt_ids, buckets, pad_id=pad_id)
   C = tokens_NC.shape[1]
   completion_mask = np.arange(C)[None, :] < np.asarray(lengths_N)[:, None]
   return dict(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opsd_jax import model
+from opsd_jax import kernels, kv_cache, model
 from opsd_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -45,7 +45,7 @@ def test_cached_decode_left_padded_equals_full_forward(params):
   full = np.asarray(forward(CFG, params, tokens, mask))
 
   S = P + new
-  cache = model.init_cache(CFG, B, S)
+  cache = kv_cache.init_cache(CFG, B, S)
   kv_mask = np.zeros((B, S), bool)
   kv_mask[:, :P] = mask[:, :P]
   positions = np.asarray(model.positions_from_mask(mask))
@@ -72,12 +72,12 @@ def test_prefill_in_query_blocks_then_decode_equals_full_forward(params):
     tokens[b, :P - n] = 0
   full = np.asarray(forward(CFG, params, tokens, mask))
   positions = np.asarray(model.positions_from_mask(mask))
-  cache = model.init_cache(CFG, B, P, per_layer=True)
+  cache = kv_cache.init_cache(CFG, B, P, per_layer=True)
   logits, cache = forward_cached(CFG, params, tokens[:, :P], positions[:, :P], cache,
                                  jnp.zeros(B, jnp.int32), mask[:, :P])
   real = mask[:, :P]
   np.testing.assert_allclose(np.asarray(logits)[real], full[:, :P][real], atol=1e-5, rtol=1e-5)
-  cache = {name: tuple(jnp.pad(x, model.along_cache_slots(name, (0, new), (0, 0), (0, 0)))
+  cache = {name: tuple(jnp.pad(x, kv_cache.along_cache_slots(name, (0, new), (0, 0), (0, 0)))
                        for x in bufs)
            for name, bufs in cache.items()}
   for t in range(P, P + new):
@@ -97,7 +97,7 @@ def test_prefill_in_chunks_into_a_filled_cache_equals_full_forward(params):
   tokens[1, :3] = 0
   full = np.asarray(forward(CFG, params, tokens, mask))
   positions = np.asarray(model.positions_from_mask(mask))
-  cache = model.init_cache(CFG, B, S, per_layer=True)
+  cache = kv_cache.init_cache(CFG, B, S, per_layer=True)
   kv_mask = np.zeros((B, S), bool)
   for start, end in ((0, 5), (5, 21), (21, 22)):
     kv_mask[:, start:end] = mask[:, start:end]
@@ -124,7 +124,7 @@ def test_cached_decode_per_row_cache_positions(params):
   kv_mask = np.zeros((B, P + new), bool)
   kv_mask[:, :P] = full_mask[:, :P] & (np.arange(P)[None] < lens[:, None])
   prompt = np.where(kv_mask[:, :P], full_tokens[:, :P], 0)
-  cache = model.init_cache(CFG, B, P + new)
+  cache = kv_cache.init_cache(CFG, B, P + new)
   positions = np.tile(np.arange(P, dtype=np.int32), (B, 1))
   logits, cache = forward_cached(CFG, params, prompt, positions, cache, jnp.zeros(B, jnp.int32),
                                  kv_mask)
@@ -243,7 +243,7 @@ def test_causal_attention_in_query_blocks_equals_one_pass(T):
       return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     return fn
 
-  blocked, one_pass = per_head(model._causal_attention), per_head(model._attend)
+  blocked, one_pass = per_head(kernels.causal_attention), per_head(kernels.attend)
 
   real = seg != 0
   got = np.asarray(jax.jit(blocked)(q, k, v))
@@ -276,7 +276,7 @@ def test_swiglu_hand_written_backward_equals_autodiff(lora_on):
     return jax.nn.silu(gate) * up
 
   want, want_vjp = jax.vjp(plain, x, gate_w, up_w, lora)
-  got, got_vjp = jax.vjp(model._swiglu, x, gate_w, up_w, lora)
+  got, got_vjp = jax.vjp(kernels.swiglu, x, gate_w, up_w, lora)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   got_grads, want_grads = jax.tree.leaves(got_vjp(d_h)), jax.tree.leaves(want_vjp(d_h))
   assert len(got_grads) == len(want_grads) == 3 + len(lora_on)
@@ -290,7 +290,7 @@ def test_tied_unembedding_hand_written_backward_equals_autodiff():
   h, table, d_logits = (jnp.asarray(rng.normal(size=s), jnp.float32)
                         for s in [(2, 5, 6), (11, 6), (2, 5, 11)])
   want, want_vjp = jax.vjp(lambda h, e: h @ e.T, h, table)
-  got, got_vjp = jax.vjp(model._tied_unembed, h, table)
+  got, got_vjp = jax.vjp(kernels.tied_unembed, h, table)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   for g, r in zip(got_vjp(d_logits), want_vjp(d_logits)):
     assert g.shape == r.shape
@@ -307,7 +307,7 @@ def test_project_equals_einsum(spec, x_shape, k_shape):
   rng = np.random.default_rng(1)
   x, k = (rng.normal(size=shape).astype(np.float32) for shape in (x_shape, k_shape))
   want = np.einsum(spec.lower(), x, k)
-  got, vjp = jax.vjp(lambda a, b: model._project(spec, a, b), x, k)
+  got, vjp = jax.vjp(lambda a, b: kernels.project(spec, a, b), x, k)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   d_y = rng.normal(size=want.shape).astype(np.float32)
   _, ref_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, k)

@@ -8,7 +8,8 @@ import scipy.stats
 import torch
 import transformers
 
-from opsd_jax import hf, model, parallel, sampling
+from opsd_jax import hf, kv_cache, model, padding, parallel, sampler_loop, sampling
+from opsd_jax import token_sampling
 from opsd_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -59,7 +60,7 @@ def test_sample_logits_distribution(temperature, top_k, top_p):
   n = 40_000
   u = jax.random.uniform(jax.random.key(2), (n,))
   token, logprob, learner = jax.jit(
-      lambda l, u: sampling.sample_logits(l, u, temperature, top_k, top_p))(
+      lambda l, u: token_sampling.sample_logits(l, u, temperature, top_k, top_p))(
           jnp.broadcast_to(logits, (n, logits.size)), u)
   token = np.asarray(token)
   ref = reference_probs(logits, temperature, top_k, top_p)
@@ -101,7 +102,7 @@ def test_per_layer_cache_matches_full_forward_and_phases_match_one_phase(params)
   positions = model.positions_from_mask(jnp.asarray(mask))
   full = model.forward(CFG, params, tokens, mask_BT=mask)
   per_layer = model.unstack_layers(params)
-  cache = model.init_cache(CFG, 2, 9, per_layer=True)
+  cache = kv_cache.init_cache(CFG, 2, 9, per_layer=True)
   kv = jnp.asarray(mask[:, :6])
   logits, cache = model.forward_cached(CFG, per_layer, tokens[:, :6], positions[:, :6], cache,
                                        jnp.zeros(2, jnp.int32), jnp.pad(kv, ((0, 0), (0, 3))))
@@ -114,7 +115,7 @@ def test_per_layer_cache_matches_full_forward_and_phases_match_one_phase(params)
   np.testing.assert_allclose(got[mask], np.asarray(full)[mask], atol=2e-4, rtol=2e-4)
   # A static batch that grows its cache in phases = continuous batching (one full-length phase).
   prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-  assert len(sampling._phase_ends(70, grow_cache=True)) > 2
+  assert len(sampler_loop.phase_ends(70, grow_cache=True)) > 2
   kw = dict(rng=jax.random.key(0), max_new_tokens=70, temperature=0.0, prompt_buckets=(8,))
   grown = sampling.generate(CFG, params, prompts, **kw)
   one_phase = sampling.generate(CFG, params, prompts, continuous_batching=True, num_slots=2, **kw)
@@ -214,7 +215,7 @@ def test_mesh_matches_single_device_and_is_deterministic(params):
 
 
 def test_pad_prompts():
-  ids, mask = sampling.pad_prompts([[5, 6], [7, 8, 9]], buckets=(2, 4, 8))
+  ids, mask = padding.pad_prompts([[5, 6], [7, 8, 9]], buckets=(2, 4, 8))
   np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 7, 8, 9]])
   np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 1, 1, 1]])
 
