@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from opsd_jax import hf, model, sampling  # noqa: E402
+from opsd_jax import hf, kv_cache, model, sampling  # noqa: E402
 from opsd_jax.config import ModelConfig  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64,
