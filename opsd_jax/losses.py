@@ -27,7 +27,17 @@ DIVERGENCES = ("fkl", "rkl", "jsd")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
 ESTIMATORS = ("full", "topk", "sampled")
 REDUCTIONS = ("token", "sequence")
-ROLLOUT_FILTERS = ("all", "correct_only", "incorrect_only", "split_direction")
+# Rollout filter -> the rows it trains on, from correct [N] bool. Written with operators numpy and
+# jnp arrays share, so the stage loop (numpy, to skip empty mini-batches) and the loss (jnp) use
+# this one definition. split_direction trains every row (rkl on correct, fkl on incorrect ones:
+# opsd_loss_chunked); a filter added here needs nothing else unless it changes the divergence.
+_ROLLOUT_FILTERS = {
+    "all": lambda correct: correct | ~correct,
+    "correct_only": lambda correct: correct,
+    "incorrect_only": lambda correct: ~correct,
+    "split_direction": lambda correct: correct | ~correct,
+}
+ROLLOUT_FILTERS = tuple(_ROLLOUT_FILTERS)
 
 
 def _log_softmax(logits, temperature=1.0):
@@ -358,17 +368,22 @@ def grpo_objective(logprobs_NC, old_logprobs_NC, advantages_N, completion_mask_N
 # --------------------------------------------------------------------------------------------
 
 
+def rollout_selection(rollout_filter: str, correct_N):
+  """The rows a rollout filter trains on: bool [N], a numpy array for a numpy `correct_N`, jnp for
+  jnp (or a tracer)."""
+  if rollout_filter not in _ROLLOUT_FILTERS:
+    raise ValueError(f"rollout_filter must be one of {ROLLOUT_FILTERS}, got {rollout_filter!r}")
+  return _ROLLOUT_FILTERS[rollout_filter](correct_N.astype(bool))
+
+
 def _row_selection(rollout_filter, correct_N, N):
-  if rollout_filter in ("all", "split_direction"):
-    return jnp.ones((N,), jnp.float32)
+  """rollout_selection as float32 weights; without batch['correct'] only filters that keep
+  every row work (all, as a batch without grades has)."""
   if correct_N is None:
-    raise ValueError(f"rollout_filter {rollout_filter!r} needs batch['correct']")
-  correct = jnp.asarray(correct_N).astype(bool)
-  if rollout_filter == "correct_only":
-    return correct.astype(jnp.float32)
-  if rollout_filter == "incorrect_only":
-    return (~correct).astype(jnp.float32)
-  raise ValueError(f"rollout_filter must be one of {ROLLOUT_FILTERS}, got {rollout_filter!r}")
+    if rollout_filter != "all":
+      raise ValueError(f"rollout_filter {rollout_filter!r} needs batch['correct']")
+    correct_N = jnp.ones((N,), bool)
+  return rollout_selection(rollout_filter, jnp.asarray(correct_N)).astype(jnp.float32)
 
 
 def check_opsd_options(divergence, estimator, reduction, rollout_filter):

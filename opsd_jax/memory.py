@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from opsd_jax import kv_cache, losses, model, parallel
+from opsd_jax import model, parallel
 
 GiB = 1024 ** 3
 
@@ -112,9 +112,10 @@ def state_bytes(model_cfg, optimizer, mesh, teacher: bool = False) -> dict[str, 
   return {"params": params, "optimizer": opt, "teacher": params if teacher else 0}
 
 
-def lora_state_bytes(model_cfg, optimizer, mesh, teacher: str | None = None) -> dict[str, int]:
+def lora_state_bytes(model_cfg, optimizer, mesh, teacher: bool = False) -> dict[str, int]:
   """With LoRA: params = the frozen base + the adapters, optimizer state over the adapters only,
-  and the OPSD teacher = the base with adapters off (nothing extra), or an EMA of the adapters."""
+  and the OPSD teacher copy (steps.teacher_copy: an EMA of the adapters; the frozen teacher is
+  the base with adapters off, nothing extra)."""
   from opsd_jax import lora
   base_cfg = lora.base_config(model_cfg)
   base = jax.eval_shape(functools.partial(model.init, base_cfg), jax.random.key(0))
@@ -122,7 +123,7 @@ def lora_state_bytes(model_cfg, optimizer, mesh, teacher: str | None = None) -> 
   adapter_bytes, opt = _trained_bytes(adapters, optimizer, mesh,
                                       lora.adapter_shardings(model_cfg, mesh))
   return {"params": sharded_bytes(base, parallel.param_shardings(base_cfg, mesh)) + adapter_bytes,
-          "optimizer": opt, "teacher": adapter_bytes if teacher == "ema" else 0,
+          "optimizer": opt, "teacher": adapter_bytes if teacher else 0,
           "trained": adapter_bytes}
 
 
@@ -196,7 +197,9 @@ def _sds(shape, dtype=jnp.int32):
 
 def stage_loss(cfg, model_cfg, stage: str, rows: int, prompt_len: int, completion_len: int):
   """(loss_fn(params, *extra, batch), extra abstract args, abstract batch) of a stage's train
-  step for `rows` rows. SFT: sequences of completion_len tokens (prompt_len unused)."""
+  step for `rows` rows: the very loss functions the steps differentiate (train/steps.py's
+  sft_loss_sum, grpo_loss, opsd_loss). SFT: sequences of completion_len tokens (prompt_len
+  unused)."""
   from opsd_jax.train import steps  # local: steps imports the train state
   chunk = int(cfg.loss_chunk)
   if stage == "sft":
@@ -206,32 +209,17 @@ def stage_loss(cfg, model_cfg, stage: str, rows: int, prompt_len: int, completio
   batch = dict(tokens=_sds((rows, T)), mask=_sds((rows, T), bool),
                completion_mask=_sds((rows, completion_len), bool))
   if stage == "rlvr":
-    r = cfg.rlvr
     batch.update(old_logprobs=_sds((rows, completion_len), jnp.float32),
                  advantages=_sds((rows,), jnp.float32))
-    if r.kl_beta > 0:
+    if cfg.rlvr.kl_beta > 0:
       batch["ref_logprobs"] = _sds((rows, completion_len), jnp.float32)
-
-    def grpo(p, b):
-      logprobs, _ = steps.rollout_logprobs(model_cfg, p, b, cfg.sampling.temperature or 1.0,
-                                           chunk, with_entropy=True)
-      return losses.grpo_objective(
-          logprobs, b["old_logprobs"], b["advantages"], b["completion_mask"],
-          eps_low=r.eps_low, eps_high=r.eps_high, kl_beta=r.kl_beta,
-          ref_logprobs_NC=b.get("ref_logprobs"), aggregation=r.aggregation)[0]
-    return grpo, (), batch
-  o = cfg.opsd
+    grpo = steps.grpo_loss(model_cfg, cfg.rlvr, **steps.grpo_options(cfg))
+    return (lambda p, b: grpo(p, b)[0]), (), batch
   batch.update(teacher_tokens=_sds((rows, T)), teacher_mask=_sds((rows, T), bool),
                correct=_sds((rows,), bool))
-
-  def opsd(p, teacher, b):
-    return losses.opsd_loss_chunked(
-        model_cfg, p, teacher, b, divergence=o.divergence, jsd_beta=o.jsd_beta,
-        clip=None if o.clip < 0 else float(o.clip), temperature=o.loss_temperature,
-        estimator=o.estimator, topk=o.topk, reduction=o.reduction,
-        rollout_filter=o.rollout_filter, chunk=chunk)[0]
+  opsd = steps.opsd_loss(model_cfg, cfg.opsd, chunk=chunk)
   abstract = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))
-  return opsd, (abstract,), batch
+  return (lambda p, teacher, b: opsd(p, teacher, b)[0]), (abstract,), batch
 
 
 # Float32 [rows, chunk, V] buffers alive inside one loss chunk: logits, exp / probabilities and
@@ -249,7 +237,7 @@ def _sampler_cache_bytes(model_cfg, mesh_shape, prompts: int, rows: int, slots: 
 
   def local(batch, length):
     batch = -(-batch // dp) * dp  # generate rounds rows up to the data-parallel size
-    cache = jax.eval_shape(lambda: kv_cache.init_cache(model_cfg, batch // dp, length,
+    cache = jax.eval_shape(lambda: model.init_cache(model_cfg, batch // dp, length,
                                                     per_layer=True))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // kv_split
 
@@ -291,20 +279,20 @@ COLUMNS = ("params", "optimizer", "teacher", "grads", "activations", "loss_chunk
 
 def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StagePlan:
   """Per-device memory of one stage ('sft' | 'rlvr' | 'opsd' | 'eval') on a mesh of this shape."""
-  from opsd_jax.train import optim
+  from opsd_jax.train import optim, steps as steps_lib
   mesh = abstract_mesh(mesh_shape)
   dp = mesh_shape[0] * mesh_shape[1]
   tensor = mesh_shape[2]
   if optimizer is None:
     steps = cfg[stage].steps if stage in ("sft", "rlvr", "opsd") else 1
     optimizer = optim.make_optimizer(cfg.optimizer, max(1, steps))
-  teacher = stage == "opsd" and cfg.opsd.teacher != "current"
   parts = dict.fromkeys(COLUMNS, 0)
   use_lora = cfg.lora.rank > 0 and stage != "eval"  # evaluation runs merged params
+  teacher = steps_lib.teacher_copy(cfg.opsd.teacher if stage == "opsd" else None, use_lora)
   if use_lora:
     from opsd_jax import lora  # adapters train; the update and its gradient are adapter-sized
     model_cfg = lora.with_config(model_cfg, cfg.lora)
-    state = lora_state_bytes(model_cfg, optimizer, mesh, cfg.opsd.teacher if teacher else None)
+    state = lora_state_bytes(model_cfg, optimizer, mesh, teacher)
     trained = state.pop("trained")
   else:
     state = state_bytes(model_cfg, optimizer, mesh, teacher)

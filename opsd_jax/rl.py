@@ -1,4 +1,4 @@
-"""Reward shaping and advantages for GRPO-family RLVR, as pure array functions (jit-friendly).
+"""Rewards, reward shaping and advantages for GRPO-family RLVR, as pure array functions.
 
 Layout: rewards of one rollout batch are [P, G] (prompt-major, G samples per prompt), the order
 `sampling.generate` returns rows in; flatten to [P * G] for the train step's `advantages [N]`.
@@ -6,8 +6,21 @@ Layout: rewards of one rollout batch are [P, G] (prompt-major, G samples per pro
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def rewards(correct_N, answered_N, lengths_N, *, max_len: int, format_reward: float = 0.0,
+            overlong_buffer: int = 0, overlong_coef: float = 0.0) -> np.ndarray:
+  """Rewards [N] (float32, host): 1 for a correct answer, plus format_reward where an answer was
+  extracted at all, plus the DAPO over-length penalty (overlong_penalty, in tokens)."""
+  r = np.asarray(correct_N).astype(np.float32)
+  if format_reward:
+    r = r + format_reward * np.asarray(answered_N, np.float32)
+  if overlong_coef:
+    r = r + np.asarray(overlong_penalty(lengths_N, max_len, overlong_buffer, overlong_coef))
+  return r
 
 
 def group_advantages(rewards_G, scale: str = "group", eps: float = 1e-6):
@@ -64,12 +77,6 @@ def overlong_penalty(lengths_N, max_len: int, buffer: int, coef: float):
 
 
 def mask_truncated(completion_mask_NC, finished_N):
-  """Zeroes the trained tokens of completions that hit the length limit without finishing."""
-  return completion_mask_NC * jnp.asarray(finished_N, completion_mask_NC.dtype)[:, None]
-
-
-def reward_metrics(rewards_PG) -> dict:
-  r = jnp.asarray(rewards_PG, jnp.float32)
-  keep, frac_zero_std = dynamic_sampling_mask(r)
-  return {"reward/mean": jnp.mean(r), "reward/std": jnp.std(r),
-          "groups/frac_zero_std": frac_zero_std}
+  """Zeroes the trained tokens of completions that hit the length limit without finishing (numpy
+  in, numpy out: the loop's host batches)."""
+  return completion_mask_NC & np.asarray(finished_N, bool)[:, None]

@@ -40,9 +40,21 @@ def test_overlong_penalty_counts_tokens():
 
 
 def test_mask_truncated():
-  mask = np.ones((3, 4), np.float32)
-  got = rl.mask_truncated(jnp.asarray(mask), np.array([True, False, True]))
+  mask = np.ones((3, 4), bool)
+  got = rl.mask_truncated(mask, np.array([True, False, True]))
   np.testing.assert_array_equal(got, [[1] * 4, [0] * 4, [1] * 4])
+
+
+def test_rewards_add_format_and_overlong_terms():
+  correct = np.array([True, False, True, False])
+  answered = [True, True, False, False]
+  lengths = np.array([10, 100, 95, 50])
+  got = rl.rewards(correct, answered, lengths, max_len=100, format_reward=0.1,
+                   overlong_buffer=10, overlong_coef=1.0)
+  np.testing.assert_allclose(got, [1.1, 0.1 - 1.0, 1.0 - 0.5, 0.0], atol=1e-6)
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(rl.rewards(correct, answered, lengths, max_len=100),
+                                correct.astype(np.float32))
 
 
 def np_grpo(logp, old, adv, mask, eps_low, eps_high, beta, ref, aggregation, max_len):

@@ -15,6 +15,8 @@ import pytest
 from opsd_jax import config, memory, model, parallel
 from opsd_jax.train import optim, state as state_lib, steps
 
+import helpers
+
 
 @pytest.mark.parametrize("name, family, chips, hbm", [
     ("v5p-8", "v5p", 4, 95), ("v5p-32", "v5p", 16, 95), ("v4-8", "v4", 4, 32),
@@ -46,8 +48,7 @@ def test_config_validates_plan_tpu_and_master_weights():
     config.validate(cfg)
 
 
-SMALL = config.ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                           head_dim=8, mlp_dim=64, tie_embeddings=False)
+SMALL = helpers.tiny_config(96, mlp_dim=64, tie_embeddings=False)
 
 
 def _adamw(state_dtype="param", master_weights=False, lr=1e-3, grad_clip=1.0):
@@ -97,7 +98,7 @@ def _compiled_bytes(cfg, model_cfg, stage, mesh_shape):
   mesh = parallel.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
   opt = optim.make_optimizer(cfg.optimizer, 10)
   params = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))
-  teacher = params if stage == "opsd" and cfg.opsd.teacher != "current" else None
+  teacher = params if stage == "opsd" and steps.teacher_copy(cfg.opsd.teacher, False) else None
   st = jax.eval_shape(lambda p, t: state_lib.create(p, opt, jax.random.key(0), t), params,
                       teacher)
   if stage == "sft":
@@ -297,7 +298,8 @@ def test_lora_state_bytes_equal_real_sharded_arrays(teacher):
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
                if s.device == dev)
 
-  planned = memory.lora_state_bytes(cfg, opt, memory.abstract_mesh(mesh_shape), teacher)
+  planned = memory.lora_state_bytes(cfg, opt, memory.abstract_mesh(mesh_shape),
+                                    steps.teacher_copy(teacher, True))
   assert planned == {"params": held(st.base_params) + held(st.params),
                      "optimizer": held(st.opt_state),
                      "teacher": held(st.teacher_params) if teacher == "ema" else 0,

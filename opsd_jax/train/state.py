@@ -5,6 +5,7 @@ adapter-shaped; the frozen base sits in `base_params`, which the steps take as a
 never-donated argument and hand back as the same buffers (train/steps.py)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -32,16 +33,42 @@ class TrainState:
   base_params: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamShardings:
+  """A stage's parameter shardings, computed once per stage and passed to everything that jits
+  with them (parallel.param_shardings walks the model's whole abstract init each time).
+  model: the tree the model runs with (with LoRA: base + adapters in one tree); trained: what
+  the optimizer updates (the adapters with LoRA); base: the frozen LoRA base (None without)."""
+  model: Any
+  trained: Any
+  base: Any = None
+
+
+def param_shardings(model_cfg, mesh, model_shardings=None) -> ParamShardings:
+  """ParamShardings of a model config on a mesh; `model_shardings` (e.g. the stage sampler's
+  param_shardings) saves computing them again."""
+  if model_shardings is None:
+    model_shardings = parallel.param_shardings(model_cfg, mesh)
+  if not lora.enabled(model_cfg):
+    return ParamShardings(model_shardings, model_shardings)
+  base, adapters = lora.split(model_shardings)
+  return ParamShardings(model_shardings, adapters, base)
+
+
 def create(params, optimizer: optax.GradientTransformation, rng, teacher_params=None, *,
-           model_cfg=None, mesh=None, base_params=None) -> TrainState:
+           model_cfg=None, mesh=None, base_params=None,
+           shardings: ParamShardings | None = None) -> TrainState:
   """A fresh state around existing params (and teacher, copied into its own buffers). With a
-  mesh (and the model_cfg), everything is placed in the shardings the steps expect. With LoRA,
-  params are the adapters and base_params the frozen base (kept as is, not copied)."""
+  mesh (and the model_cfg), everything is placed in the shardings the steps expect (`shardings`,
+  or computed). With LoRA, params are the adapters and base_params the frozen base (kept as is,
+  not copied)."""
+  if mesh is not None and shardings is None:
+    shardings = param_shardings(model_cfg, mesh)
   if base_params is not None:
     if mesh is not None:  # a no-op where it already sits there (what the pipeline passes)
-      base_params = jax.device_put(base_params, parallel.param_shardings(
-          lora.base_config(model_cfg), mesh))
-    state = create(params, optimizer, rng, teacher_params, model_cfg=model_cfg, mesh=mesh)
+      base_params = jax.device_put(base_params, shardings.base)
+    state = create(params, optimizer, rng, teacher_params, model_cfg=model_cfg, mesh=mesh,
+                   shardings=shardings)
     return state.replace(base_params=base_params)
   def build(params, teacher_params, rng):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -53,7 +80,8 @@ def create(params, optimizer: optax.GradientTransformation, rng, teacher_params=
     return build(params, teacher_params, rng)
   if model_cfg is None:
     raise ValueError("state.create: pass model_cfg together with mesh")
-  out = state_shardings(model_cfg, optimizer, mesh, teacher=teacher_params is not None)
+  out = state_shardings(model_cfg, optimizer, mesh, teacher=teacher_params is not None,
+                        shardings=shardings)
   return jax.jit(build, out_shardings=out)(params, teacher_params, rng)
 
 
@@ -69,13 +97,14 @@ def shardings_like(abstract_params, optimizer, mesh, teacher: bool, param_shardi
                     skipped_steps=replicated)
 
 
-def state_shardings(model_cfg, optimizer, mesh, teacher: bool = False):
-  """Shardings of a TrainState for a model config (params from parallel.param_shardings). With
+def state_shardings(model_cfg, optimizer, mesh, teacher: bool = False,
+                    shardings: ParamShardings | None = None):
+  """Shardings of a TrainState for a model config (params from `shardings`, or computed). With
   LoRA: of the adapters (and an adapter-EMA teacher); base_params is left None, as the jitted
   steps see the state (the base travels beside it)."""
-  if lora.enabled(model_cfg):
-    return shardings_like(nn.unbox(lora.abstract_adapters(model_cfg)), optimizer, mesh, teacher,
-                          lora.adapter_shardings(model_cfg, mesh))
+  if shardings is None:
+    shardings = param_shardings(model_cfg, mesh)
   abstract = nn.unbox(model.abstract_params(model_cfg))
-  return shardings_like(abstract, optimizer, mesh, teacher,
-                        parallel.param_shardings(model_cfg, mesh))
+  if lora.enabled(model_cfg):
+    abstract = lora.split(abstract)[1]
+  return shardings_like(abstract, optimizer, mesh, teacher, shardings.trained)

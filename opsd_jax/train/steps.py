@@ -10,6 +10,11 @@ donated, and comes back as the very same buffers. The model sees lora.combine(ba
 Every step guards the update: when the loss or the gradient norm is not finite, params, optimizer
 state and teacher stay as they were, `skipped_steps` counts it and metrics["nonfinite"] is 1; the
 loop decides whether to stop (on_nonfinite="stop") or go on (on_nonfinite="skip").
+
+Each stage's loss is wired here once, as a function of (params, [teacher,] batch) that the step
+differentiates: sft_loss_sum, grpo_loss, opsd_loss. memory.py traces these same functions to plan
+the activations. `shardings` (train.state.ParamShardings) passes a stage's parameter shardings,
+computed once per stage; without it they are computed here.
 """
 from __future__ import annotations
 
@@ -32,9 +37,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(parallel.BATCH))
 
 
-def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
+def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool, param_shardings=None):
   """`step(state, batch)` around step_fn(state, base, batch), base = the LoRA base or None."""
-  shardings = state_lib.state_shardings(model_cfg, optimizer, mesh, teacher)
+  if param_shardings is None:
+    param_shardings = state_lib.param_shardings(model_cfg, mesh)
+  shardings = state_lib.state_shardings(model_cfg, optimizer, mesh, teacher, param_shardings)
   out_shardings = (shardings, parallel.replicated(mesh))
   inner = step_fn
 
@@ -46,8 +53,7 @@ def _jit_step(step_fn, model_cfg, optimizer, mesh, teacher: bool):
     return jax.jit(lambda state, batch: step_fn(state, None, batch),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=out_shardings,
                    donate_argnums=0)
-  base_shardings = parallel.param_shardings(lora.base_config(model_cfg), mesh)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, base_shardings, batch_sharding(mesh)),
+  jitted = jax.jit(step_fn, in_shardings=(shardings, param_shardings.base, batch_sharding(mesh)),
                    out_shardings=out_shardings, donate_argnums=0)
 
   def step(state, batch):
@@ -107,7 +113,8 @@ def sft_loss_sum(model_cfg, params, batch, chunk: int = 256):
   return nll_sum, jnp.sum(ent * mask)
 
 
-def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256):
+def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256,
+                  shardings=None):
   """SFT: masked next-token cross-entropy = sum over trained tokens / trained tokens of the
   GLOBAL batch. sft_cfg.micro_batches splits the batch (rows m, m + M, ...) into a lax.scan that
   sums gradients of loss SUMS; dividing once by the global count makes the gradient identical to
@@ -148,7 +155,7 @@ def make_sft_step(model_cfg, sft_cfg, optimizer, mesh=None, *, chunk: int = 256)
     new_state, metrics = _apply_update(state, grads, loss_sum / denom, optimizer, metrics)
     return new_state, metrics
 
-  return _jit_step(step, model_cfg, optimizer, mesh, teacher=False)
+  return _jit_step(step, model_cfg, optimizer, mesh, False, shardings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +172,8 @@ def rollout_logprobs(model_cfg, params, batch, temperature: float = 1.0, chunk: 
                                  temperature, chunk, with_entropy=with_entropy)
 
 
-def make_score_fn(model_cfg, mesh=None, *, temperature: float = 1.0, chunk: int = 256):
+def make_score_fn(model_cfg, mesh=None, *, temperature: float = 1.0, chunk: int = 256,
+                  shardings=None):
   """Jitted `score(params, batch) -> logprobs [N, C]` (float32): the learner's own temperature-
   scaled log-probs, for old_logprobs (current params at rollout time) and ref_logprobs (the
   reference params). Needs batch keys tokens, mask, completion_mask. With LoRA, params are
@@ -176,26 +184,34 @@ def make_score_fn(model_cfg, mesh=None, *, temperature: float = 1.0, chunk: int 
     batch = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
     return rollout_logprobs(model_cfg, params, batch, temperature, chunk)
 
-  def jitted(cfg):
-    return jax.jit(score, in_shardings=(parallel.param_shardings(cfg, mesh),
-                                        batch_sharding(mesh)),
+  if shardings is None:
+    shardings = state_lib.param_shardings(model_cfg, mesh)
+
+  def jitted(param_shardings):
+    return jax.jit(score, in_shardings=(param_shardings, batch_sharding(mesh)),
                    out_shardings=batch_sharding(mesh))
 
-  with_adapters = jitted(model_cfg)
+  with_adapters = jitted(shardings.model)
   if not lora.enabled(model_cfg):
     return with_adapters
-  base_only = jitted(lora.base_config(model_cfg))
+  base_only = jitted(shardings.base)
   return lambda params, batch: (with_adapters if lora.has_adapters(params) else base_only)(
       params, batch)
 
 
-def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: float = 1.0,
-                   chunk: int = 256, max_completion_len: int | None = None):
-  """GRPO: ONE optimizer update on one mini-batch (the loop calls it mu x mini_batches times per
-  rollout batch). Batch: tokens, mask, completion_mask, old_logprobs, advantages (+ ref_logprobs
-  when rlvr_cfg.kl_beta > 0). `temperature` is the sampling temperature (learner logits are
-  divided by it); `max_completion_len` is the Dr. GRPO constant (default: C of the batch)."""
-  mesh = _mesh_or_default(mesh)
+def grpo_options(cfg) -> dict:
+  """The GRPO loss settings that come from outside the rlvr section, for make_grpo_step,
+  make_score_fn and memory.py alike: learner logits divided by the sampling temperature (floored:
+  temperature 0 means greedy sampling, scored at a temperature near 0), the loss chunk, and the
+  Dr. GRPO constant = the sampler's max_new_tokens."""
+  return dict(temperature=max(cfg.sampling.temperature, 1e-6), chunk=int(cfg.loss_chunk),
+              max_completion_len=int(cfg.sampling.max_new_tokens))
+
+
+def grpo_loss(model_cfg, rlvr_cfg, *, temperature: float = 1.0, chunk: int = 256,
+              max_completion_len: int | None = None):
+  """`loss(params, batch) -> (loss, metrics)` of a GRPO mini-batch: the function the step
+  differentiates (params: the whole model's, with LoRA base + adapters)."""
   if rlvr_cfg.aggregation not in losses.AGGREGATIONS:
     raise ValueError(f"rlvr.aggregation must be one of {losses.AGGREGATIONS}, got "
                      f"{rlvr_cfg.aggregation!r}")
@@ -211,6 +227,19 @@ def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: fl
     metrics["entropy"] = losses.masked_mean(ent, batch["completion_mask"])
     return loss, metrics
 
+  return loss_fn
+
+
+def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: float = 1.0,
+                   chunk: int = 256, max_completion_len: int | None = None, shardings=None):
+  """GRPO: ONE optimizer update on one mini-batch (the loop calls it mu x mini_batches times per
+  rollout batch). Batch: tokens, mask, completion_mask, old_logprobs, advantages (+ ref_logprobs
+  when rlvr_cfg.kl_beta > 0). `temperature` is the sampling temperature (learner logits are
+  divided by it); `max_completion_len` is the Dr. GRPO constant (default: C of the batch)."""
+  mesh = _mesh_or_default(mesh)
+  loss_fn = grpo_loss(model_cfg, rlvr_cfg, temperature=temperature, chunk=chunk,
+                      max_completion_len=max_completion_len)
+
   def step(state, base, batch):
     if rlvr_cfg.kl_beta > 0 and "ref_logprobs" not in batch:
       raise ValueError("rlvr.kl_beta > 0: the batch needs ref_logprobs [N, C]")
@@ -219,7 +248,7 @@ def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: fl
     new_state, metrics = _apply_update(state, grads, loss, optimizer, metrics)
     return new_state, metrics
 
-  return _jit_step(step, model_cfg, optimizer, mesh, teacher=False)
+  return _jit_step(step, model_cfg, optimizer, mesh, False, shardings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +259,57 @@ def make_grpo_step(model_cfg, rlvr_cfg, optimizer, mesh=None, *, temperature: fl
 TEACHERS = ("frozen", "ema", "current")
 
 
-def make_opsd_step(model_cfg, opsd_cfg, optimizer, mesh=None, *, chunk: int = 256):
+def _check_teacher(teacher: str):
+  if teacher not in TEACHERS:
+    raise ValueError(f"opsd.teacher must be one of {TEACHERS}, got {teacher!r}")
+
+
+def teacher_copy(teacher: str | None, uses_lora: bool) -> bool:
+  """Whether the train state holds a teacher copy (state.teacher_params): the EMA always (with
+  LoRA an EMA of the adapters); the frozen snapshot only without LoRA (with LoRA the frozen
+  teacher is the base alone, adapters off: the stage's input, held once); 'current' never (the
+  student under stop_gradient). None: no teacher (SFT, RLVR). The one place this is decided:
+  the stage loop, the OPSD step and the memory plan ask here."""
+  if teacher is None:
+    return False
+  _check_teacher(teacher)
+  return teacher == "ema" or (teacher == "frozen" and not uses_lora)
+
+
+def teacher_in_checkpoint(teacher: str | None) -> bool:
+  """Whether a teacher copy changes during the stage and so must be checkpointed: the EMA does;
+  the frozen snapshot equals the stage's input, which a resume rebuilds."""
+  return teacher == "ema"
+
+
+def _teacher_of(teacher: str, uses_lora: bool, params, teacher_params, base):
+  """The teacher's whole parameter tree in the step (params: the student's, LoRA combined)."""
+  if teacher == "current":
+    return params
+  if uses_lora and teacher == "frozen":
+    return base
+  return lora.combine(base, teacher_params)
+
+
+def opsd_loss(model_cfg, opsd_cfg, *, chunk: int = 256):
+  """`loss(params, teacher_params, batch) -> (loss, metrics)` of an OPSD mini-batch: the
+  function the step differentiates (both the whole model's trees, with LoRA combined)."""
+  losses.check_opsd_options(opsd_cfg.divergence, opsd_cfg.estimator, opsd_cfg.reduction,
+                            opsd_cfg.rollout_filter)
+  clip = None if opsd_cfg.clip < 0 else float(opsd_cfg.clip)
+
+  def loss_fn(params, teacher_params, batch):
+    return losses.opsd_loss_chunked(
+        model_cfg, params, teacher_params, batch, divergence=opsd_cfg.divergence,
+        jsd_beta=opsd_cfg.jsd_beta, clip=clip, temperature=opsd_cfg.loss_temperature,
+        estimator=opsd_cfg.estimator, topk=opsd_cfg.topk, reduction=opsd_cfg.reduction,
+        rollout_filter=opsd_cfg.rollout_filter, chunk=chunk)
+
+  return loss_fn
+
+
+def make_opsd_step(model_cfg, opsd_cfg, optimizer, mesh=None, *, chunk: int = 256,
+                   shardings=None):
   """OPSD: student = params on the student prompt, teacher on the teacher prompt, same completion
   tokens, divergence chunked over the completion. opsd_cfg.teacher: frozen (state.teacher_params,
   a snapshot never updated), ema (state.teacher_params <- decay t + (1 - decay) params after each
@@ -240,45 +319,31 @@ def make_opsd_step(model_cfg, opsd_cfg, optimizer, mesh=None, *, chunk: int = 25
   stage's starting model; state.teacher_params None), ema = the base + an EMA of the adapters
   (state.teacher_params), current = the base + the adapters under stop_gradient."""
   mesh = _mesh_or_default(mesh)
-  if opsd_cfg.teacher not in TEACHERS:
-    raise ValueError(f"opsd.teacher must be one of {TEACHERS}, got {opsd_cfg.teacher!r}")
-  losses.check_opsd_options(opsd_cfg.divergence, opsd_cfg.estimator, opsd_cfg.reduction,
-                            opsd_cfg.rollout_filter)
-  clip = None if opsd_cfg.clip < 0 else float(opsd_cfg.clip)
+  teacher = opsd_cfg.teacher
   uses_lora = lora.enabled(model_cfg)
-  uses_snapshot = opsd_cfg.teacher == "ema" or (opsd_cfg.teacher == "frozen" and not uses_lora)
-
-  def teacher_of(params, teacher_params, base):
-    if opsd_cfg.teacher == "current":
-      return params
-    if uses_lora and opsd_cfg.teacher == "frozen":
-      return base
-    return lora.combine(base, teacher_params)
+  uses_copy = teacher_copy(teacher, uses_lora)
+  distill = opsd_loss(model_cfg, opsd_cfg, chunk=chunk)
 
   def loss_fn(adapters_or_params, teacher_params, base, batch):
     params = lora.combine(base, adapters_or_params)
-    return losses.opsd_loss_chunked(
-        model_cfg, params, teacher_of(params, teacher_params, base), batch,
-        divergence=opsd_cfg.divergence, jsd_beta=opsd_cfg.jsd_beta, clip=clip,
-        temperature=opsd_cfg.loss_temperature, estimator=opsd_cfg.estimator, topk=opsd_cfg.topk,
-        reduction=opsd_cfg.reduction, rollout_filter=opsd_cfg.rollout_filter, chunk=chunk)
+    return distill(params, _teacher_of(teacher, uses_lora, params, teacher_params, base), batch)
 
   def step(state, base, batch):
-    if uses_snapshot and state.teacher_params is None:
-      raise ValueError(f"opsd.teacher={opsd_cfg.teacher!r} needs state.teacher_params (create "
+    if uses_copy and state.teacher_params is None:
+      raise ValueError(f"opsd.teacher={teacher!r} needs state.teacher_params (create "
                        "the state with teacher_params=params)")
-    if not uses_snapshot and state.teacher_params is not None:
-      raise ValueError(f"opsd.teacher={opsd_cfg.teacher!r} "
+    if not uses_copy and state.teacher_params is not None:
+      raise ValueError(f"opsd.teacher={teacher!r} "
                        f"{'with LoRA uses the base alone' if uses_lora else 'uses params'} as the "
                        "teacher; create the state without teacher_params")
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.teacher_params, base, batch)
     update_teacher = None
-    if opsd_cfg.teacher == "ema":
+    if teacher == "ema":
       decay = opsd_cfg.ema_decay
-      update_teacher = lambda teacher, new: jax.tree.map(  # noqa: E731
-          lambda t, p: decay * t + (1.0 - decay) * p, teacher, new)
+      update_teacher = lambda t_params, new: jax.tree.map(  # noqa: E731
+          lambda t, p: decay * t + (1.0 - decay) * p, t_params, new)
     new_state, metrics = _apply_update(state, grads, loss, optimizer, metrics, update_teacher)
     return new_state, metrics
 
-  return _jit_step(step, model_cfg, optimizer, mesh, teacher=uses_snapshot)
+  return _jit_step(step, model_cfg, optimizer, mesh, uses_copy, shardings)
