@@ -13,10 +13,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opsd_jax import checkpoint, model, parallel
-from opsd_jax.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  mlp_dim=48)
+import helpers
+
+CFG = helpers.tiny_config(64)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from opsd_jax import losses, model
-from opsd_jax.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  mlp_dim=48)
+import helpers
+
+CFG = helpers.tiny_config(61)
 
 
 def np_log_softmax(x):
@@ -39,7 +39,7 @@ def test_k3_value_and_gradient():
 
 @pytest.fixture(scope="module")
 def params():
-  return jax.jit(lambda key: model.init(CFG, key))(jax.random.key(0))
+  return helpers.init_params(CFG)
 
 
 def _rollout(rng, N=3, P=4, C=11):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from opsd_jax import losses, model
-from opsd_jax.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  mlp_dim=48)
+import helpers
+
+CFG = helpers.tiny_config(53)
 
 
 def np_log_softmax(x):
@@ -106,8 +106,7 @@ def test_sampled_estimator_expected_gradient_is_reverse_kl_gradient():
 
 @pytest.fixture(scope="module")
 def params():
-  init = jax.jit(lambda key: model.init(CFG, key))
-  return init(jax.random.key(0)), init(jax.random.key(1))
+  return helpers.init_params(CFG, 0), helpers.init_params(CFG, 1)
 
 
 def make_batch(seed=0, N=4, P=5, Pt=8, C=9):

@@ -2,51 +2,26 @@
 the (2, 2, 2) mesh, EMA / frozen teacher, non-finite skipping, optimizer schedules."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from opsd_jax import model, parallel
-from opsd_jax.config import ModelConfig, default_config
+from opsd_jax.config import default_config
 from opsd_jax.train import optim, state as state_lib, steps
 
-CFG = ModelConfig(vocab_size=56, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  mlp_dim=48)
+import helpers
+from helpers import sgd, single_device, to_numpy
 
-
-def sgd(lr=1.0):
-  return optim.make_optimizer(ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=lr, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.0, grad_clip=0.0)), total_steps=10)
+CFG = helpers.tiny_config(56)
 
 
 @pytest.fixture(scope="module")
 def params():
-  return jax.jit(lambda key: model.init(CFG, key))(jax.random.key(0))
-
-
-def to_numpy(tree):
-  return jax.tree.map(np.asarray, tree)
-
-
-def single_device():
-  return parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  return helpers.init_params(CFG)
 
 
 def sft_batch(seed=0, B=8, T=12):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
-  segment_ids = np.ones((B, T), np.int32)
-  positions = np.tile(np.arange(T), (B, 1)).astype(np.int32)
-  segment_ids[0, 7:] = 2  # two packed documents in row 0
-  positions[0, 7:] = np.arange(T - 7)
-  segment_ids[1, 9:] = 0  # padding
-  loss_mask = (rng.uniform(size=(B, T)) > 0.3).astype(np.int32)
-  loss_mask[0, 7] = 0  # a document's first token is not predicted from the previous document
-  loss_mask[segment_ids == 0] = 0
-  loss_mask[3] = 0
-  loss_mask[3, 5] = 1  # rows with very different numbers of trained tokens
-  return dict(tokens=tokens, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions)
+  return helpers.sft_batch(CFG.vocab_size, seed, B, T)
 
 
 def reference_sft_grad(params, batch):
@@ -82,21 +57,7 @@ def test_sft_step_gradient_equals_full_batch_reference(params, micro_batches, me
 
 
 def rollout_batch(seed=0, N=8, P=5, Pt=7, C=6):
-  rng = np.random.default_rng(seed)
-  completion = rng.integers(0, CFG.vocab_size, (N, C))
-  tokens = np.concatenate([rng.integers(0, CFG.vocab_size, (N, P)), completion], 1)
-  mask = np.ones_like(tokens)
-  mask[::3, :2] = 0
-  completion_mask = np.ones((N, C), np.float32)
-  completion_mask[1, 4:] = 0
-  mask[1, P + 4:] = 0
-  teacher_tokens = np.concatenate([rng.integers(0, CFG.vocab_size, (N, Pt)), completion], 1)
-  teacher_mask = np.ones_like(teacher_tokens)
-  teacher_mask[1, Pt + 4:] = 0
-  return dict(tokens=tokens.astype(np.int32), mask=mask.astype(np.int32),
-              completion_mask=completion_mask, advantages=rng.normal(size=N).astype(np.float32),
-              teacher_tokens=teacher_tokens.astype(np.int32),
-              teacher_mask=teacher_mask.astype(np.int32), correct=np.arange(N) % 3 != 0)
+  return helpers.rollout_batch(CFG.vocab_size, seed, N, P, Pt, C)
 
 
 # SGD, not Adam, in the mesh comparisons: Adam's first step is ~lr * sign(g), which turns float
