@@ -24,15 +24,27 @@ import numpy as np
 from opsd_jax import evaluate, parallel
 from opsd_jax import rollouts as rollouts_lib
 
+THINKING = ("student", "on", "off")  # eval.thinking
+
 # Metrics averaged over benchmarks for the summary row.
 SUMMARY_KEYS = ("accuracy", "problem_accuracy", "truncation_rate", "mean_length",
                 "mean_length_correct", "mean_length_incorrect", "hesitation_mean_per_response",
                 "hesitation_per_1k_tokens", "hesitation_response_fraction")
 
 
-def thinking_mode(cfg, stage_thinking: bool) -> bool:
+def thinking_mode(cfg, student_thinking: bool) -> bool:
   """eval.thinking: 'student' evaluates in the mode the stage's student sampled in."""
-  return {"on": True, "off": False}.get(cfg.eval.thinking, stage_thinking)
+  return {"on": True, "off": False}.get(cfg.eval.thinking, student_thinking)
+
+
+def stage_thinking(cfg, stage: str) -> bool:
+  """The student's thinking mode in a stage: OPSD's opsd.student_thinking, on elsewhere."""
+  return bool(cfg.opsd.student_thinking) if stage == "opsd" else True
+
+
+def evaluate_stage(run, params, stage: str) -> dict[str, Any]:
+  """A stage's output, in the mode its student sampled in (eval.thinking may override)."""
+  return evaluate_params(run, params, stage, stage_thinking(run.cfg, stage))
 
 
 def set_settings(cfg, name: str) -> tuple[int, int]:
@@ -49,8 +61,10 @@ def _safe(label: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "eval"
 
 
-def evaluate_params(run, params, label: str, thinking: bool) -> dict[str, Any]:
-  """Every benchmark of `run.eval_sets`, then their mean; `thinking` is the student's mode."""
+def evaluate_params(run, params, label: str, thinking: bool = True) -> dict[str, Any]:
+  """Every benchmark of `run.eval_sets`, then their mean, with the settings stated in the
+  result. `thinking` is the student's mode; eval.thinking='on'/'off' overrides it."""
+  thinking = thinking_mode(run.cfg, thinking)
   t0 = time.time()
   per_set = {}
   for index, (name, problems) in enumerate(run.eval_sets.items()):

@@ -26,7 +26,9 @@ import sys
 
 import numpy as np
 
-from opsd_jax import evaluate, metrics
+from opsd_jax import benchmarks, evaluate, metrics
+from opsd_jax import results as results_lib
+from opsd_jax.train import opsd
 
 SPLIT_LABEL = "rkl+fkl"  # split_direction: reverse KL on correct, forward KL on incorrect rollouts
 
@@ -81,14 +83,12 @@ def _branch_config(cfg, b: Branch):
 
 
 def run(run_, base_params, results):
-  from opsd_jax import pipeline
-  from opsd_jax.train import opsd
   done = results.setdefault("grid", {})
   todo = branches(run_.cfg.grid)
   if any(not b.thinking for b in todo) and "grid_base_thinking_off" not in results:
-    results["grid_base_thinking_off"] = pipeline.evaluate_params(
+    results["grid_base_thinking_off"] = benchmarks.evaluate_params(
         run_, base_params, "base (thinking off)", thinking=False)
-    pipeline.save_results(run_, results)
+    results_lib.save(run_.workdir, results)
     r = results["grid_base_thinking_off"]
     print(f"[grid base, thinking off] accuracy={r['accuracy']:.3f} "
           f"mean_length={r['mean_length']:.1f}", flush=True)
@@ -101,7 +101,7 @@ def run(run_, base_params, results):
                                  logger=logger)
     try:
       params = opsd.train(branch, base_params)
-      r = pipeline.evaluate_params(branch, params, b.name, thinking=b.thinking)
+      r = benchmarks.evaluate_params(branch, params, b.name, thinking=b.thinking)
       r.update(rollout_filter=b.rollout_filter, divergence=b.divergence_label, seed=b.seed,
                thinking=b.thinking,
                trained_tokens=int(sum(x.get("opsd/trained_tokens", 0)
@@ -109,7 +109,7 @@ def run(run_, base_params, results):
     finally:
       logger.close()
     done[b.name] = r
-    pipeline.save_results(run_, results)
+    results_lib.save(run_.workdir, results)
     print(f"[grid {b.name}] accuracy={r['accuracy']:.3f} mean_length={r['mean_length']:.1f} "
           f"trained_tokens={r['trained_tokens']}", flush=True)
   report(run_.workdir, results)

@@ -19,15 +19,15 @@ orbax checkpoints are saved and restored by all. The workdir must be one directo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
 
 import jax
-import numpy as np
 
-from opsd_jax import checkpoint, config as config_lib, evaluate, fit, metrics, parallel
+from opsd_jax import benchmarks, checkpoint, config as config_lib, fit, grid, hf, metrics
+from opsd_jax import parallel, remote
+from opsd_jax import results as results_lib
 from opsd_jax import rollouts as rollouts_lib
 from opsd_jax import tokenizer as tokenizer_lib
 from opsd_jax.data import jsonl
@@ -40,6 +40,7 @@ class PipelineError(RuntimeError):
 
 # Bad input found while running: each message names the file, row or key.
 INPUT_ERRORS = (PipelineError, config_lib.ConfigError, checkpoint.CheckpointError,
+                results_lib.ResultsError, hf.CheckpointFormatError, remote.RemotePathError,
                 jsonl.DataError, tokenizer_lib.TokenizerError)
 
 
@@ -73,14 +74,8 @@ class Run:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_remote(path) -> bool:
-  from opsd_jax import remote
-  return remote.is_remote(path)
-
-
 def _local(cfg, path):
   """A remote path (gs://...) copied once to this host's cache; local paths unchanged."""
-  from opsd_jax import remote
   return remote.localize(path, cfg.cache_dir) if path and remote.is_remote(path) else path
 
 
@@ -178,7 +173,6 @@ def model_config(cfg, tok_vocab_size: int | None = None) -> config_lib.ModelConf
                             "was given")
       section["vocab_size"] = tok_vocab_size
     return config_lib.ModelConfig.from_dict(section)
-  from opsd_jax import hf
   ckpt = hf.read_config(_local(cfg, cfg.init_from))
   defaults = config_lib.model_config()
   for key, value in cfg.model.items():
@@ -200,7 +194,6 @@ def _check_vocab(model_cfg, tok):
 
 def fit_rows(cfg, model_cfg, tok, template, train, sets):
   """Drops the rows whose prompts cannot fit (fit.py); returns (train, sets, reports)."""
-  from opsd_jax import benchmarks
   s = cfg.sampling
   limit = fit.limit(s.prompt_buckets, model_cfg.max_position, s.max_new_tokens)
   opsd_runs = "opsd" in cfg.stages or bool(cfg.grid.rollout_filters)
@@ -241,7 +234,7 @@ def setup(cfg, workdir) -> Run:
   train, sets, reports = fit_rows(cfg, model_cfg, tok, template, train, sets)
   data_report = {name: dict(counts.get(name, {}), fit=r.to_dict()) for name, r in reports.items()}
   for r in reports.values():
-    _say(f"data {r.line()}")
+    results_lib.say(f"data {r.line()}")
   sampler = rollouts_lib.Sampler.build(model_cfg, mesh, tok, template, grader, cfg.sampling)
   return Run(cfg, workdir, model_cfg, mesh, tok, template, train, sets, metrics.Logger(workdir),
              grader, sampler, data_report)
@@ -249,7 +242,6 @@ def setup(cfg, workdir) -> Run:
 
 def initial_params(run: Run):
   if run.cfg.init_from:
-    from opsd_jax import hf
     # Loaded in the run's parameter dtype (the experiment's, not the file's).
     _, params = hf.load(_local(run.cfg, run.cfg.init_from), dtype=run.model_cfg.param_dtype,
                         mesh=run.mesh)
@@ -260,39 +252,6 @@ def initial_params(run: Run):
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def stage_thinking(cfg, stage: str) -> bool:
-  """The student's thinking mode in a stage: OPSD's opsd.student_thinking, on elsewhere."""
-  return bool(cfg.opsd.student_thinking) if stage == "opsd" else True
-
-
-def evaluate_params(run: Run, params, label: str, thinking: bool = True) -> dict[str, Any]:
-  """Accuracy and response length on every benchmark, with the settings stated in the result.
-  `thinking` is the student's mode; eval.thinking='on'/'off' overrides it."""
-  from opsd_jax import benchmarks
-  return benchmarks.evaluate_params(run, params, label,
-                                    benchmarks.thinking_mode(run.cfg, thinking))
-
-
-def _results_path(run):
-  return os.path.join(run.workdir, "results.json")
-
-
-def load_results(run) -> dict[str, Any]:
-  path = _results_path(run)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise PipelineError(f"{path} is not valid JSON ({e}); delete it to re-evaluate the "
-                          "stages") from e
-  return {}
-
-
-def save_results(run, results):
-  metrics.write_text_atomic(_results_path(run), json.dumps(results, indent=2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +273,7 @@ def _stage_loop(stage):
 def run(cfg, workdir):
   run_ = setup(cfg, workdir)
   # Multi-host: process 0's files decide what is done, for every process alike.
-  results = parallel.broadcast_object(load_results(run_) if parallel.is_primary() else None)
+  results = parallel.broadcast_object(results_lib.load(run_.workdir) if parallel.is_primary() else None)
   results["data"] = run_.data_report
   params = None
   try:
@@ -324,7 +283,7 @@ def run(cfg, workdir):
         continue
       final_dir = os.path.join(run_.stage_dir(stage), "final")
       if parallel.broadcast_object(stage in results and checkpoint.exists(final_dir)):
-        _say(f"{stage}: already done, loading its final parameters")
+        results_lib.say(f"{stage}: already done, loading its final parameters")
         params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
                                                                              run_.mesh))
         _export(run_, stage, params)
@@ -334,14 +293,13 @@ def run(cfg, workdir):
       params = _stage_loop(stage)(run_, params)
       checkpoint.save_params(final_dir, params)
       _export(run_, stage, params)
-      results[stage] = evaluate_params(run_, params, stage, stage_thinking(cfg, stage))
+      results[stage] = benchmarks.evaluate_stage(run_, params, stage)
       results[stage]["train_seconds"] = round(time.time() - t0, 1)
-      save_results(run_, results)
-      _print_eval(stage, results[stage])
+      results_lib.save(run_.workdir, results)
+      results_lib.print_eval(stage, results[stage])
     if parallel.is_primary():
-      report(run_, results)
+      results_lib.report(run_, results)
     if cfg.grid.rollout_filters:  # OPSD branches from the last stage's parameters
-      from opsd_jax import grid
       grid.run(run_, params, results)
   finally:
     run_.grader.close()
@@ -356,9 +314,10 @@ def _init_evaluated(run_, params, results):
   if "init" not in results:
     # In the mode the first stage's student samples in, so the stage compares like with like.
     first = next((s for s in run_.cfg.stages if s != "eval"), "eval")
-    results["init"] = evaluate_params(run_, params, "init", stage_thinking(run_.cfg, first))
-    save_results(run_, results)
-    _print_eval("init", results["init"])
+    results["init"] = benchmarks.evaluate_params(run_, params, "init",
+                                                 benchmarks.stage_thinking(run_.cfg, first))
+    results_lib.save(run_.workdir, results)
+    results_lib.print_eval("init", results["init"])
   return params
 
 
@@ -370,58 +329,10 @@ def _export(run_, stage, params):
   path = os.path.join(run_.stage_dir(stage), "hf")
   if parallel.broadcast_object(os.path.isfile(os.path.join(path, "config.json"))):
     return
-  from opsd_jax import hf
   tok_dir = _local(run_.cfg, tokenizer_path(run_.cfg)) if run_.cfg.tokenizer.kind == "hf" else None
   if parallel.is_primary():
     hf.export(path, run_.model_cfg, params, tokenizer_dir=tok_dir)
-    _say(f"{stage}: Hugging Face export in {path}")
-
-
-def _say(text):
-  """Progress lines come from process 0 only (multi-host)."""
-  if parallel.is_primary():
-    print(text, flush=True)
-
-
-def _print_eval(stage, r):
-  _say(f"[eval {stage}] accuracy={r['accuracy']:.3f} mean_length={r['mean_length']:.1f} "
-        f"(correct {r['mean_length_correct']:.1f}, incorrect {r['mean_length_incorrect']:.1f}) "
-        f"truncated={r['truncation_rate']:.3f} markers/response={r['hesitation_mean_per_response']:.2f}")
-
-
-def report(run: Run, results: dict[str, Any]):
-  """results.md (the stages, each benchmark, the rows dropped at load) and plots, from
-  results.json and metrics.jsonl."""
-  order = ["init"] + [s for s in run.cfg.stages if s in results and s != "eval"]
-  rows = [dict(stage=s, **{k: v for k, v in results[s].items() if not isinstance(v, dict)})
-          for s in order if s in results]
-  columns = ["stage", "accuracy", "mean_length", "mean_length_correct", "mean_length_incorrect",
-             "truncation_rate", "hesitation_mean_per_response", "train_seconds"]
-  table = evaluate.results_table(rows, columns)
-  settings = results[order[-1]]["settings"]
-  source = f" from {run.cfg.init_from}" if run.cfg.init_from else ""
-  text = (f"# {run.cfg.name}\n\nHeld-out evaluation{source} after each stage, mean over the "
-          f"benchmarks ({settings}).\n\n{table}\n")
-  names = list(run.eval_sets)
-  if len(names) > 1 or run.cfg.data.kind != "toy":
-    summary = evaluate.paper_summary(results, order, names)
-    text += ("\n## Each benchmark\n\n" + evaluate.benchmark_table(results, order, names)
-             + "\n\n## Summary (mean over benchmarks, change against the stage before)\n\n"
-             + evaluate.results_table(summary) + "\n")
-    evaluate.plot_benchmarks(results, order, names, os.path.join(run.workdir, "benchmarks.png"))
-  if run.data_report:
-    text += "\n## Data\n\n" + "".join(
-        f"- {name}: {r['fit']['kept']} of {r['fit']['rows']} rows used"
-        + (f"; prompts too long: {r['fit']['dropped']}" if r["fit"]["dropped"] else "")
-        + (f"; skipped at load: {r['reasons']}" if r.get("reasons") else "") + "\n"
-        for name, r in run.data_report.items())
-  metrics.write_text_atomic(os.path.join(run.workdir, "results.md"), text)
-  evaluate.plot_stages(rows, os.path.join(run.workdir, "stages.png"))
-  evaluate.plot_curves(run.logger.records(), os.path.join(run.workdir, "curves.png"),
-                       metrics=("loss", "accuracy", "completions/mean_length"),
-                       series_key="stage",
-                       titles=("train loss", "rollout accuracy", "rollout length (tokens)"))
-  print(text, flush=True)
+    results_lib.say(f"{stage}: Hugging Face export in {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +345,7 @@ def plan(cfg, workdir) -> str:
   per-device memory of each stage (memory.py) on plan.tpu's slice or on this machine's devices."""
   from opsd_jax import memory
   lines = [f"experiment {cfg.name}: stages {' -> '.join(cfg.stages)}; workdir {workdir}"]
-  if cfg.init_from and not _is_remote(cfg.init_from) and not os.path.isdir(cfg.init_from):
+  if cfg.init_from and not remote.is_remote(cfg.init_from) and not os.path.isdir(cfg.init_from):
     raise PipelineError(f"init_from: no Hugging Face directory at {cfg.init_from!r}")
   if cfg.data.kind == "toy":
     # The toy's tokenizer is trained at run time: plan with a vocabulary of its usual size.
@@ -470,7 +381,6 @@ def plan(cfg, workdir) -> str:
   lines.extend(memory.format_plan(plans, mesh_shape, tpu))
   g = cfg.grid
   if g.rollout_filters:
-    from opsd_jax import grid
     n = len(grid.branches(g))  # split_direction runs once per seed
     lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
                  f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)}, "
