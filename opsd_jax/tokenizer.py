@@ -25,6 +25,10 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PLAIN_MARKERS = (USER, ASSISTANT, SYSTEM, END, THINK_OPEN, THINK_CLOSE)
 
 
+KINDS = ("toy", "sentencepiece", "hf")  # toy: sentencepiece trained on the toy task (data/toy.py)
+TEMPLATES = ("plain", "checkpoint")     # our single-token markers, or the checkpoint's jinja
+
+
 class TokenizerError(ValueError):
   """A missing or malformed tokenizer file; the message names the file."""
 

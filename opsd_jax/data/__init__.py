@@ -5,20 +5,14 @@ grain pipelines.
 records + LoadReport; formats.py names the layouts), `toy` (the embedded default's task),
 `jsonl` (the earlier reader's API), `tfds_builder` (data files -> array_record data sources;
 imports tensorflow_datasets, so it is not imported here) and `pipeline` (shuffled, sharded,
-resumable batches). The pipeline's names are imported on first use, so config.py can import
-formats.py without importing grain.
+resumable batches).
 """
-import importlib
-
 from opsd_jax.data.formats import FORMATS, LAYOUTS, DataError
-from opsd_jax.data.loader import LoadReport, load
+from opsd_jax.data.loader import ON_BAD_ROW, LoadReport, load
+from opsd_jax.data.pipeline import Batches, decode_record, record_batches, sft_batches
 
-_PIPELINE = ("Batches", "decode_record", "record_batches", "sft_batches")
+# data.kind: the toy task generated on the spot, or files (any that `load` reads).
+KINDS = ("toy", "jsonl")
 
-__all__ = ["DataError", "FORMATS", "LAYOUTS", "LoadReport", "load", *_PIPELINE]
-
-
-def __getattr__(name):
-  if name in _PIPELINE:
-    return getattr(importlib.import_module("opsd_jax.data.pipeline"), name)
-  raise AttributeError(f"module 'opsd_jax.data' has no attribute {name!r}")
+__all__ = ["Batches", "DataError", "FORMATS", "KINDS", "LAYOUTS", "LoadReport", "ON_BAD_ROW",
+           "decode_record", "load", "record_batches", "sft_batches"]

@@ -42,6 +42,9 @@ class LoadReport:
             f"{self.kept} kept, {self.skipped} skipped" + (f" ({reasons})" if reasons else ""))
 
 
+ON_BAD_ROW = ("error", "skip")  # stop at the first bad row, or skip and count it
+
+
 def load(path: str, fields: dict | None = None, fmt: str = "auto", on_bad_row: str = "error",
          require_reference: bool = False) -> tuple[list[dict], LoadReport]:
   """Normalised records {"question", "reference", "answer"} of one file, and its LoadReport.
@@ -66,7 +69,7 @@ def load(path: str, fields: dict | None = None, fmt: str = "auto", on_bad_row: s
 def iter_records(path, fields=None, fmt="auto", on_bad_row="error", require_reference=False,
                  report: LoadReport | None = None):
   """Yields the records `load` returns, one at a time, filling `report` as it goes."""
-  if on_bad_row not in ("error", "skip"):
+  if on_bad_row not in ON_BAD_ROW:
     raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
   if fmt not in formats.FORMATS:
     raise DataError(f"data format must be one of {formats.FORMATS}, got {fmt!r}")
