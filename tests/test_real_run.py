@@ -317,3 +317,28 @@ def test_eval_only_resumes_at_the_chunk_it_stopped_at(tmp_path):
   assert header2 == header and len(again) == 3
   assert json.loads(again[0])["texts"] == ["kept"] * len(first["texts"])
   assert [json.loads(c) for c in again[1:]] == [json.loads(c) for c in chunks[1:]]
+
+
+def test_bad_real_inputs_are_one_line_before_training(tmp_path):
+  """A corrupt weight shard of init_from, a missing benchmark file: one line naming the file or
+  key, exit 2, and no stage started."""
+  ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+  math500 = tmp_path / "math500.jsonl"
+  _write_rows(real_files.data_file("math500_test.jsonl"), math500, 2)
+  args = [f"--config.init_from={ckpt}", f"--config.eval.sets.math500.path={math500}",
+          f"--config.eval.sets.aime24.path={math500}", "--config.model.dtype=float32",
+          "--config.eval.max_new_tokens=4", "--config.sampling.continuous_batching=False"]
+  proc, _ = helpers.run(EVAL, tmp_path / "w1", *args,
+                        f"--config.eval.sets.aime25.path={tmp_path / 'nope.jsonl'}")
+  assert proc.returncode == 2
+  line = helpers.error_line(proc)
+  assert "eval.sets.aime25.path: no file at" in line and "nope.jsonl" in line, line
+  weights = ckpt + "/model.safetensors"
+  with open(weights, "r+b") as f:
+    f.truncate(100)
+  proc, _ = helpers.run(EVAL, tmp_path / "w2", *args,
+                        f"--config.eval.sets.aime25.path={math500}")
+  assert proc.returncode == 2
+  line = helpers.error_line(proc)
+  assert "model.safetensors" in line, line
+  assert not os.path.exists(tmp_path / "w2" / "results.json")
