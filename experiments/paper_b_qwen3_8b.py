@@ -17,8 +17,8 @@ init_from is a Hugging Face directory (config.json, safetensors shards + index, 
 tokenizer_config.json, generation_config.json), local or gs://; the tokenizer and its chat
 template are the checkpoint's own. `--dry_run` needs only config.json and the tokenizer files.
 
-Settings, and where each number comes from ("chosen": the paper does not state it; the METHOD
-notes of this project, docs/method.md, say what is second-hand):
+Settings, and where each number comes from ("chosen": the paper does not state it;
+docs/method.md says which of the paper's figures are second-hand):
 
 | setting | value | source |
 |---|---|---|

@@ -1,5 +1,5 @@
 """The ONE place student and teacher prompts are built (SFT, RLVR, OPSD and evaluation all call
-these), so the two roles can never drift onto different templates (METHOD.md, traps).
+these), so the two roles can never drift onto different templates (docs/method.md, traps).
 
 A prompt is a list of token ids; the completion starts at `len(ids)`. The sampler appends the
 completion after the prompt, so the same completion ids sit right after both prompts. Each role
@@ -23,7 +23,7 @@ thinking off as on (e.g. a Thinking-2507 model's, always opening `<think>`) rais
 TokenizerError when either role asks for thinking off, and so does a thinking-on teacher with a
 thinking-off student when the template or tokenizer has no `<think>`/`</think>`.
 
-Teacher context (METHOD.md, Paper A's template paraphrased): the problem; "Here is a reference
+Teacher context (docs/method.md, Paper A's template paraphrased): the problem; "Here is a reference
 solution:" and the reference; an instruction to understand it and solve in its own words; the
 student's answer instruction. "answer_only" shows only the final answer (the first, when a list
 of acceptable answers is given); "none" is the student's context (the control).
