@@ -5,16 +5,17 @@ transformers with the same logits, the same step on 1 device and on the (2, 2, 2
 sampler decodes with the adapters, config errors name the key."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from opsd_jax import config as config_lib, hf, lora, losses, model, parallel, sampling
-from opsd_jax.config import LORA_TARGETS, ModelConfig, default_config
-from opsd_jax.train import optim, state as state_lib, steps
+from opsd_jax.config import LORA_TARGETS, default_config
+from opsd_jax.train import state as state_lib, steps
 
-BASE = ModelConfig(vocab_size=56, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                   mlp_dim=48)
+import helpers
+from helpers import adam, sgd, single_device
+
+BASE = helpers.tiny_config(56)
 LORA = BASE.replace(lora_rank=4, lora_alpha=8.0)
 # Where each target's kernel sits: in dims of the kernel come first, then out dims.
 KERNEL_PATH = {"q_proj": ("attn", "q_proj"), "k_proj": ("attn", "k_proj"),
@@ -22,29 +23,13 @@ KERNEL_PATH = {"q_proj": ("attn", "q_proj"), "k_proj": ("attn", "k_proj"),
                "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
 
 
-def sgd(lr=1.0):
-  return optim.make_optimizer(ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=lr, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.0, grad_clip=0.0)), total_steps=10)
-
-
-def adam(lr=1e-2):
-  return optim.make_optimizer(ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=lr, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.0, grad_clip=1.0)), total_steps=10)
-
-
 # Jitted once per config: the eager forward dispatches (and compiles) op by op.
 forward = jax.jit(model.forward, static_argnums=0)
 
 
-def single_device():
-  return parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope="module")
 def base():
-  return jax.jit(lambda key: model.init(BASE, key))(jax.random.key(0))
+  return helpers.init_params(BASE)
 
 
 def trained_adapters(cfg, seed=1):
@@ -119,11 +104,7 @@ def test_sampler_decodes_with_the_adapters(base):
 
 
 def sft_batch(seed=0, B=8, T=12):
-  rng = np.random.default_rng(seed)
-  x = rng.integers(0, BASE.vocab_size, (B, T)).astype(np.int32)
-  loss_mask = (rng.uniform(size=(B, T)) > 0.3).astype(np.int32)
-  return dict(tokens=x, loss_mask=loss_mask, segment_ids=np.ones((B, T), np.int32),
-              positions=np.tile(np.arange(T), (B, 1)).astype(np.int32))
+  return helpers.sft_batch(BASE.vocab_size, seed, B, T, packed=False)
 
 
 def adapter_shapes(adapters):
@@ -181,18 +162,7 @@ def test_sft_step_trains_only_the_adapters_with_the_merged_weight_gradient(base)
 
 
 def rollout_batch(seed=0, N=8, P=5, C=6):
-  rng = np.random.default_rng(seed)
-  completion = rng.integers(0, BASE.vocab_size, (N, C))
-  x = np.concatenate([rng.integers(0, BASE.vocab_size, (N, P)), completion], 1)
-  mask = np.ones_like(x)
-  mask[::3, :2] = 0
-  completion_mask = np.ones((N, C), np.float32)
-  completion_mask[1, 4:] = 0
-  mask[1, P + 4:] = 0
-  return dict(tokens=x.astype(np.int32), mask=mask.astype(np.int32),
-              completion_mask=completion_mask, teacher_tokens=x.astype(np.int32),
-              teacher_mask=mask.astype(np.int32), correct=np.arange(N) % 3 != 0,
-              advantages=rng.normal(size=N).astype(np.float32))
+  return helpers.rollout_batch(BASE.vocab_size, seed, N, P, None, C)
 
 
 def nbytes(tree):
@@ -335,7 +305,7 @@ def test_stage_loop_checkpoints_adapters_and_resumes_on_the_same_base(base, tmp_
   step = steps.make_sft_step(lp.model_cfg, c.sft, lp.optimizer, mesh, chunk=4)
   lp.state, _ = step(lp.state, parallel.shard_batch(sft_batch(), mesh))
   saved = jax.tree.map(np.asarray, (lp.state.params, lp.state.opt_state))
-  lp.maybe_checkpoint(1, lambda: {"data": 7})
+  lp.save(1, {"data": 7})
   merged = lp.final_params()
   lp.close()
   want = numpy_merge(LORA, jax.tree.map(np.asarray, base), saved[0])

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pipeline_helpers import STEPS, TINY, TOY, assert_ok, assert_same_run, interrupt, \
@@ -73,3 +77,84 @@ def test_interrupt_every_stage_then_rerun_equals_uninterrupted(chain, tmp_path_f
   if expected is not None:
     assert f"{expected[0]}: resumed from step {expected[1]}" in proc.stdout, proc.stdout[-2000:]
   assert_same_run(workdir, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage skeleton itself (train/loop.py StageLoop.train), in-process
+# --------------------------------------------------------------------------------------------
+
+
+class _Counter:
+  """A resumable data iterator yielding 0, 1, 2, ..."""
+
+  def __init__(self):
+    self.i = 0
+
+  def __next__(self):
+    self.i += 1
+    return self.i - 1
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = state["i"]
+
+
+def _stage_run(tmp_path):
+  from opsd_jax import metrics, parallel, pipeline, rollouts
+  from opsd_jax.config import default_config
+  import helpers
+
+  c = default_config()
+  c.opsd.steps, c.opsd.checkpoint_every = 3, 2
+  cfg = helpers.tiny_config()
+  mesh = helpers.single_device()
+  params = jax.device_put(helpers.init_params(cfg), parallel.param_shardings(cfg, mesh))
+  sampler = rollouts.Sampler.build(cfg, mesh, None, None, None, c.sampling)
+  run_ = pipeline.Run(c, str(tmp_path), cfg, mesh, None, None, [], {},
+                      metrics.Logger(str(tmp_path), tensorboard=False), None, sampler)
+  return run_, params
+
+
+def _run_stage(run_, params, teacher):
+  from opsd_jax.train import loop
+
+  lp = loop.StageLoop(run_, "opsd", params, total_steps=3, learning_rate=1e-2, teacher=teacher)
+  seen = []
+
+  def body(step, batch):
+    seen.append((step, batch, lp.carry["count"]))
+    lp.state = lp.state.replace(step=lp.state.step + 1)
+    lp.carry["count"] += 10
+    return {"loss": jnp.float32(batch) / 2, "nonfinite": jnp.float32(0)}
+
+  return lp, lp.train(_Counter(), body, carry={"count": 0}), seen
+
+
+@pytest.mark.parametrize("teacher", ["frozen", "ema"])
+def test_stage_loop_records_every_step_and_resumes_data_carry_and_teacher(tmp_path, teacher):
+  """StageLoop.train: one record per step with the step's own values (read one step late),
+  checkpoints every 2 steps and at the end with the data position and the carry; a frozen
+  teacher is not in the checkpoint (rebuilt from the stage's input on resume), an EMA one is."""
+  from opsd_jax import checkpoint
+
+  run_, params = _stage_run(tmp_path)
+  lp, out, seen = _run_stage(run_, params, teacher)
+  assert out is lp.state.params
+  assert seen == [(0, 0, 0), (1, 1, 10), (2, 2, 20)]
+  rows = run_.logger.records("opsd")
+  assert [(r["step"], r["loss"], r["skipped_updates"]) for r in rows] == [
+      (1, 0.0, 0), (2, 0.5, 0), (3, 1.0, 0)]
+  assert checkpoint.latest_step(lp.ckpt_dir) == 3
+  stored, extra = checkpoint.restore(lp.ckpt_dir, 2)
+  assert extra["data"] == {"i": 2} and extra["count"] == 20
+  assert (stored.get("teacher_params") is None) == (teacher == "frozen")
+
+  shutil.rmtree(f"{lp.ckpt_dir}/3")  # as if killed after step 2's checkpoint
+  again, _, seen = _run_stage(run_, params, teacher)
+  assert seen == [(2, 2, 20)] and again.start_step == 2
+  for got, want in zip(jax.tree.leaves(again.state.teacher_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+  assert [(r["step"], r["loss"]) for r in run_.logger.records("opsd")] == [
+      (1, 0.0), (2, 0.5), (3, 1.0)]

@@ -1,5 +1,13 @@
-"""What the three stage loops share: state set-up and resume, checkpoints, metrics, and the
-non-finite guard. A stage loop is then only its own data flow (see sft.py, rlvr.py, opsd.py).
+"""The skeleton of every stage: state set-up and resume, the step loop, metrics, checkpoints,
+the non-finite guard, preemption and the stage's output. A stage file builds a StageLoop, its step
+functions and its data iterator, and hands `StageLoop.train` the body of one step (collect and
+update); it never touches checkpoints, logs or resume (see sft.py, rlvr.py, opsd.py).
+
+Metrics are read one step late: `train` dispatches step N + 1 before it pulls step N's metrics to
+the host, so a stage whose body does not itself wait on the device (SFT) keeps the device queue
+full instead of draining it every step. A step a checkpoint is due at is read at once, before
+the save: a checkpoint never holds a step whose metrics were not checked, and the records, the
+checks and the checkpoints are those of a loop that reads every step at once.
 
 Resume contract: a checkpoint at step s holds the train state after s updates plus `extra`
 (the data-iterator state, and whatever else the loop needs); the loop restarts at step s and
@@ -8,7 +16,10 @@ on CPU with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false: with multi-threaded Ei
 step's float sums were seen to differ in the last bit between two processes (tests/test_resume.py).
 
 Preemption: SIGTERM (what a preemptible TPU VM gets before it goes) only sets a flag; after the
-step in flight, `maybe_checkpoint` saves that step and raises Preempted, and the CLI exits 143.
+step in flight, `train` saves that step and raises Preempted, and the CLI exits 143.
+
+OPSD teacher: an EMA teacher is part of the checkpoint; a frozen teacher is the stage's input,
+which a rerun rebuilds the same way, so it is copied again on resume instead of being saved.
 
 LoRA (cfg.lora.rank > 0): the stage trains fresh adapters on the parameters it was given (the
 base, frozen, held once in state.base_params), samples with base + adapters in the forward, and
@@ -36,6 +47,7 @@ import numpy as np
 from opsd_jax import checkpoint, lora, metrics as metrics_lib, parallel
 from opsd_jax.train import optim
 from opsd_jax.train import state as state_lib
+from opsd_jax.train import steps as steps_lib
 
 
 _STAGE_IDS = {"sft": 1, "rlvr": 2, "opsd": 3}  # fixed: str hash() changes between processes
@@ -101,45 +113,123 @@ def _fingerprint(params) -> float:
                                      for x in jax.tree.leaves(t)))(params))
 
 
-class StageLoop:
-  """Set-up, resume, checkpointing and logging of one stage.
+def _optimizer(cfg, stage: str, updates: int, learning_rate: float):
+  """The stage's optimizer; its schedule counts optimizer updates (RLVR/OPSD make several per
+  rollout batch) and takes the stage's own warmup when it sets one (>= 0)."""
+  opt_cfg = cfg.optimizer
+  if getattr(cfg, stage).warmup_steps >= 0:
+    opt_cfg = ml_collections.ConfigDict(opt_cfg.to_dict())
+    opt_cfg.warmup_steps = getattr(cfg, stage).warmup_steps
+  return optim.make_optimizer(opt_cfg, updates, learning_rate)
 
-  teacher: keep a teacher copy of the trained parameters in the state (OPSD's frozen snapshot or
-  EMA; with LoRA a copy of the adapters: OPSD asks for it only for the EMA teacher)."""
+
+class StageLoop:
+  """One stage's state, checkpoints and metrics around the stage's step body (`train`).
+
+  teacher: the OPSD teacher kind (steps.TEACHERS) or None; steps.teacher_copy decides whether
+  the state holds a copy of it, steps.teacher_in_checkpoint whether that copy is saved.
+  shardings: the stage's parameter shardings (state.ParamShardings), computed once here; pass
+  them to the stage's step and score functions."""
 
   def __init__(self, run, stage: str, params, *, total_steps: int, learning_rate: float,
-               updates_per_step: int = 1, teacher: bool = False):
+               updates_per_step: int = 1, teacher: str | None = None):
     self.run, self.stage, self.total_steps = run, stage, total_steps
     lora_section = run.cfg.get("lora")
     self.model_cfg = (run.model_cfg if lora_section is None
                       else lora.with_config(run.model_cfg, lora_section))
-    # What the sampler gets: the run's, with the model config that applies the adapters.
-    self.sampler = run.sampler.with_model(self.model_cfg)
-    # The schedule counts optimizer updates: RLVR/OPSD make several per rollout batch.
-    opt_cfg = run.cfg.optimizer
-    if getattr(run.cfg, stage).warmup_steps >= 0:  # the stage's own warmup
-      opt_cfg = ml_collections.ConfigDict(opt_cfg.to_dict())
-      opt_cfg.warmup_steps = getattr(run.cfg, stage).warmup_steps
-    self.optimizer = optim.make_optimizer(opt_cfg, total_steps * updates_per_step, learning_rate)
+    # What the sampler gets: the run's, with the model config that applies the adapters; its
+    # shardings are the stage's, computed once.
+    self.sampler = (run.sampler if run.sampler.model_cfg == self.model_cfg
+                    else run.sampler.with_model(self.model_cfg))
+    self.shardings = state_lib.param_shardings(self.model_cfg, run.mesh,
+                                               self.sampler.param_shardings)
+    self.optimizer = _optimizer(run.cfg, stage, total_steps * updates_per_step, learning_rate)
     rng = jax.random.fold_in(jax.random.key(run.cfg.seed), _STAGE_IDS[stage])
-    if lora.enabled(self.model_cfg):
+    uses_lora = lora.enabled(self.model_cfg)
+    copy = steps_lib.teacher_copy(teacher, uses_lora)
+    self._save_teacher = copy and steps_lib.teacher_in_checkpoint(teacher)
+    if uses_lora:
       adapters = lora.init_adapters(self.model_cfg, jax.random.fold_in(rng, 1 << 20), run.mesh)
-      self.state = state_lib.create(adapters, self.optimizer, rng,
-                                    adapters if teacher else None, model_cfg=self.model_cfg,
-                                    mesh=run.mesh, base_params=params)
+      self.state = state_lib.create(adapters, self.optimizer, rng, adapters if copy else None,
+                                    model_cfg=self.model_cfg, mesh=run.mesh, base_params=params,
+                                    shardings=self.shardings)
       self._base_fingerprint = _fingerprint(params)
     else:
-      self.state = state_lib.create(params, self.optimizer, rng, params if teacher else None,
-                                    model_cfg=run.model_cfg, mesh=run.mesh)
+      self.state = state_lib.create(params, self.optimizer, rng, params if copy else None,
+                                    model_cfg=run.model_cfg, mesh=run.mesh,
+                                    shardings=self.shardings)
     section = getattr(run.cfg, stage)
     self.checkpoint_every = section.checkpoint_every
     self.ckpt_dir = os.path.abspath(os.path.join(run.stage_dir(stage), "ckpt"))
     self.ckpt = checkpoint.Checkpointer(self.ckpt_dir, keep=2)
     self.extra: dict[str, Any] = {}
+    self.carry: dict[str, Any] = {}
     self.start_step = 0
     self.bar = None
     self.sigterm = _SigtermFlag()
     self._inject_nan_at = _nan_injection(stage)
+
+  # ------------------------------------------------------------------------------------------
+  # The loop
+  # ------------------------------------------------------------------------------------------
+
+  def train(self, batches, body: Callable[[int, Any], dict[str, Any]],
+            carry: dict[str, Any] | None = None):
+    """Runs the stage to its last step and returns its output parameters (final_params).
+
+    batches: the stage's data iterator (next(), get_state(), set_state()); its position is
+    saved with every checkpoint. body(step, batch) -> metrics: one step (0-based) of collect
+    and update on `self.state`; metrics may be device arrays, read one step later. carry:
+    small JSON values the body keeps across steps in `self.carry` (e.g. a running count),
+    saved with every checkpoint and restored on resume."""
+    self.carry = dict(carry or {})
+    try:
+      extra = self.resume()
+      if extra:
+        batches.set_state(extra["data"])
+        self.carry.update({k: extra[k] for k in self.carry if k in extra})
+      pending = None  # (update count, metrics) dispatched but not yet read
+      for step in self.steps():
+        # The skip count as of this update: a copy, as the next step donates the state's buffer.
+        values = dict(body(step, next(batches)),
+                      skipped_updates=jnp.copy(self.state.skipped_steps))
+        if pending is not None:  # step + 1 is queued: read the one before
+          self.log(*pending)
+        pending = (step + 1, values)
+        due, preempted = self._save_due(step + 1)
+        if due:
+          self.log(*pending)
+          pending = None
+          self.save(step + 1, {"data": batches.get_state(), **self.carry})
+        if preempted:
+          raise Preempted(f"{self.stage}: SIGTERM received; saved step {step + 1} of "
+                          f"{self.total_steps} in {self.ckpt_dir}; rerun the same command to "
+                          "resume")
+    finally:
+      self.close()
+    return self.final_params()
+
+  def steps(self):
+    """0-based steps from the resumed one to the last (the NaN injection happens here)."""
+    self.bar = metrics_lib.progress(self.total_steps, self.start_step, self.stage)
+    for step in range(self.start_step, self.total_steps):
+      if self._inject_nan_at == step + 1:
+        self.state = self.state.replace(params=_with_nan(self.state.params))
+      yield step
+
+  def next_rng(self, step: int) -> jax.Array:
+    """A key for this step's sampling, a function of (stage seed, step) alone: resumes repeat it."""
+    return jax.random.fold_in(self.state.rng, step)
+
+  # ------------------------------------------------------------------------------------------
+  # Resume and checkpoints
+  # ------------------------------------------------------------------------------------------
+
+  def _saved_state(self, state):
+    """What a checkpoint holds of a state: no LoRA base and no frozen teacher (both are the
+    stage's input, rebuilt by a rerun)."""
+    state = state.replace(base_params=None)
+    return state if self._save_teacher else state.replace(teacher_params=None)
 
   def resume(self) -> dict[str, Any]:
     """Restores the latest checkpoint of this stage, if any; returns its `extra` dict."""
@@ -147,12 +237,14 @@ class StageLoop:
     if latest is None:
       self.run.logger.truncate_after(self.stage, 0)  # records of a run killed before its 1st save
       return {}
-    base = self.state.base_params  # LoRA: not in the checkpoint (the stage's input)
-    target = self.state.replace(base_params=None)
+    fresh = self.state  # LoRA base and frozen teacher: not in the checkpoint (the stage's input)
+    target = self._saved_state(fresh)
     shardings = jax.tree.map(lambda x: x.sharding, target)
     try:
       state, self.extra = self.ckpt.restore(latest, target=target, target_shardings=shardings)
-      self.state = state.replace(base_params=base)
+      self.state = state.replace(
+          base_params=fresh.base_params,
+          teacher_params=state.teacher_params if self._save_teacher else fresh.teacher_params)
       self._check_base(latest)
     except checkpoint.CheckpointError as e:
       self.close()
@@ -177,6 +269,26 @@ class StageLoop:
           f"checkpoint {step} trained LoRA adapters on other base parameters than this "
           f"stage's input (fingerprint {saved} vs {self._base_fingerprint})")
 
+  def _save_due(self, step: int) -> tuple[bool, bool]:
+    """(save after update `step`, SIGTERM came): saves are due every checkpoint_every updates,
+    at the end of the stage, and on SIGTERM (the caller then stops; a rerun resumes there)."""
+    due = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+    # Multi-host: SIGTERM reaches the hosts at different moments; all must save the same step
+    # (orbax saves are collective) and stop together.
+    preempted = parallel.any_process(self.sigterm.received)
+    return due or step == self.total_steps or preempted, preempted
+
+  def save(self, step: int, extra: dict[str, Any]):
+    """Checkpoints the state after update `step` with `extra` (JSON: the data position...)."""
+    extra = dict(extra)
+    if self.state.base_params is not None:  # LoRA: the base is the stage's input, not saved
+      extra[_BASE_FINGERPRINT] = self._base_fingerprint
+    self.ckpt.save(step, self._saved_state(self.state), extra)
+
+  # ------------------------------------------------------------------------------------------
+  # Parameters, metrics, closing
+  # ------------------------------------------------------------------------------------------
+
   def model_params(self):
     """The parameters the model runs with now: with LoRA base + adapters (one tree, no copy)."""
     return lora.combine(self.state.base_params, self.state.params)
@@ -186,18 +298,6 @@ class StageLoop:
     if self.state.base_params is None:
       return self.state.params
     return lora.merge(self.model_cfg, self.state.base_params, self.state.params, self.run.mesh)
-
-  def steps(self):
-    self.bar = metrics_lib.progress(self.total_steps, self.start_step, self.stage)
-    for step in range(self.start_step, self.total_steps):
-      if self._inject_nan_at == step + 1:
-        self.state = self.state.replace(params=_with_nan(self.state.params))
-      yield step
-    self.bar.close()
-
-  def next_rng(self, step: int) -> jax.Array:
-    """A key for this step's sampling, a function of (stage seed, step) alone: resumes repeat it."""
-    return jax.random.fold_in(self.state.rng, step)
 
   def log(self, step: int, values: dict[str, Any]):
     """Records the metrics of update `step` (1-based count of updates done), checks finiteness."""
@@ -215,7 +315,7 @@ class StageLoop:
                               else "none of this stage yet"))
       if parallel.is_primary():
         print("warning: " + message + " (skipped, on_nonfinite='skip')", flush=True)
-    values["skipped_updates"] = int(self.state.skipped_steps)
+    values["skipped_updates"] = int(values.pop("skipped_updates", self.state.skipped_steps))
     every = max(1, self.run.cfg.log_every)
     echo = not self.run.logger.interactive and (step % every == 0 or step == self.total_steps)
     self.run.logger.write(self.stage, step, values, echo=echo)
@@ -225,26 +325,13 @@ class StageLoop:
                if k in values}
       self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
 
-  def maybe_checkpoint(self, step: int, extra_fn: Callable[[], dict[str, Any]]):
-    """After update `step`: save when due, at the end of the stage, and when SIGTERM came (then
-    raise Preempted: the caller exits and a rerun resumes from this step)."""
-    due = self.checkpoint_every and step % self.checkpoint_every == 0
-    # Multi-host: SIGTERM reaches the hosts at different moments; all must save the same step
-    # (orbax saves are collective) and stop together.
-    preempted = parallel.any_process(self.sigterm.received)
-    if due or step == self.total_steps or preempted:
-      extra = extra_fn()
-      if self.state.base_params is not None:  # LoRA: the base is the stage's input, not saved
-        extra[_BASE_FINGERPRINT] = self._base_fingerprint
-      self.ckpt.save(step, self.state.replace(base_params=None), extra)
-    if preempted:
-      self.close()
-      raise Preempted(f"{self.stage}: SIGTERM received; saved step {step} of {self.total_steps} "
-                      f"in {self.ckpt_dir}; rerun the same command to resume")
-
   def close(self):
-    """Waits for the checkpoint writes, puts SIGTERM's handler back; safe to call twice."""
+    """Waits for the checkpoint writes, puts SIGTERM's handler back, closes the progress bar;
+    safe to call twice."""
     self.sigterm.restore()
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
     if self.ckpt is not None:
       self.ckpt.close()
       self.ckpt = None

@@ -13,18 +13,6 @@ from opsd_jax import rollouts as rollouts_lib
 from opsd_jax.train import loop, steps
 
 
-def rewards(ro, cfg) -> np.ndarray:
-  """1 for a correct answer, plus the optional format term, minus the token over-length term."""
-  c, max_len = cfg.rlvr, cfg.sampling.max_new_tokens
-  r = ro.correct.astype(np.float32)
-  if c.format_reward:
-    r = r + c.format_reward * np.asarray([a is not None for a in ro.extracted], np.float32)
-  if c.overlong_penalty:
-    r = r + np.asarray(rl.overlong_penalty(ro.lengths, max_len, c.overlong_buffer,
-                                           c.overlong_penalty))
-  return r
-
-
 def train(run, params):
   cfg, c, s = run.cfg, run.cfg.rlvr, run.cfg.sampling
   if c.steps == 0:
@@ -32,33 +20,39 @@ def train(run, params):
   lp = loop.StageLoop(run, "rlvr", params, total_steps=c.steps, learning_rate=c.learning_rate,
                       updates_per_step=c.updates_per_batch * c.mini_batches)
   prompts_it = data.record_batches(run.train, c.prompts_per_step, seed=cfg.seed + 1)
-  extra = lp.resume()
-  if extra:
-    prompts_it.set_state(extra["data"])
-  step_fn = steps.make_grpo_step(lp.model_cfg, c, lp.optimizer, run.mesh,
-                                 temperature=max(s.temperature, 1e-6), chunk=cfg.loss_chunk,
-                                 max_completion_len=s.max_new_tokens)
-  score = steps.make_score_fn(lp.model_cfg, run.mesh, temperature=max(s.temperature, 1e-6),
-                              chunk=cfg.loss_chunk)
+  options = steps.grpo_options(cfg)
+  step_fn = steps.make_grpo_step(lp.model_cfg, c, lp.optimizer, run.mesh, **options,
+                                 shardings=lp.shardings)
+  score = steps.make_score_fn(lp.model_cfg, run.mesh, temperature=options["temperature"],
+                              chunk=options["chunk"], shardings=lp.shardings)
   # The stage's starting point, never donated (with LoRA: the base alone, adapters off).
   ref_params = params if c.kl_beta > 0 else None
-  for step in lp.steps():
-    problems = parallel.gather_rows(next(prompts_it))  # global: each process read its rows
+
+  def body(step, prompts):
+    # COLLECT ROLLOUTS: G per prompt; global rows, each process read its own
+    problems = parallel.gather_rows(prompts)
     ro = rollouts_lib.sample_and_grade(
         lp.sampler, lp.model_params(), problems, num_samples=c.group_size,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
         rng=lp.next_rng(step))
-    r_PG = rewards(ro, cfg).reshape(len(problems), c.group_size)
+
+    # REWARDS AND ADVANTAGES
+    r_PG = rl.rewards(ro.correct, [a is not None for a in ro.extracted], ro.lengths,
+                      max_len=s.max_new_tokens, format_reward=c.format_reward,
+                      overlong_buffer=c.overlong_buffer, overlong_coef=c.overlong_penalty
+                      ).reshape(len(problems), c.group_size)
     adv_N = np.asarray(rl.advantages(r_PG, c.advantage_scale)).reshape(-1)
     keep_P, frac_zero_std = rl.dynamic_sampling_mask(r_PG)
     keep_N = np.repeat(np.asarray(keep_P), c.group_size) if c.dynamic_sampling else \
         np.ones(len(adv_N), bool)
+
+    # LEARNER BATCH: trained tokens, then old (and reference) log-probs of the learner
     C = rollouts_lib.completion_width(ro.lengths, s.max_new_tokens)
     batch = rollouts_lib.learner_batch(ro.prompt_ids, ro.tokens[:, :C], ro.lengths,
                                        s.prompt_buckets, run.tok.pad_id)
     completion_mask = batch["completion_mask"] & keep_N[:, None]
     if c.mask_truncated:
-      completion_mask &= ro.finished[:, None]
+      completion_mask = rl.mask_truncated(completion_mask, ro.finished)
     batch["completion_mask"] = completion_mask
     batch["advantages"] = adv_N.astype(np.float32)
     # Host batches are global on every process (same decisions everywhere); each feeds its rows.
@@ -66,6 +60,8 @@ def train(run, params):
     batch["old_logprobs"] = parallel.to_host(score(lp.model_params(), device_batch))
     if ref_params is not None:
       batch["ref_logprobs"] = parallel.to_host(score(ref_params, device_batch))
+
+    # UPDATE: mu passes over the mini-batches
     updates = []
     for _ in range(c.updates_per_batch):
       for mb in loop.split_rows(batch, c.mini_batches):
@@ -73,6 +69,8 @@ def train(run, params):
           continue
         lp.state, m = step_fn(lp.state, parallel.shard_global_batch(mb, run.mesh))
         updates.append(m)
+
+    # METRICS
     trained = completion_mask.astype(bool)
     mismatch = np.abs(ro.sample_logprobs[:, :C] - batch["old_logprobs"])[trained]
     values = loop.mean_metrics(updates)
@@ -89,7 +87,6 @@ def train(run, params):
         # sampler (top-k/top-p truncated) vs learner log-probs: METHOD.md's trap, logged
         "sampler/logprob_abs_diff": float(mismatch.mean()) if mismatch.size else 0.0,
     })
-    lp.log(step + 1, values)
-    lp.maybe_checkpoint(step + 1, lambda: {"data": prompts_it.get_state()})
-  lp.close()
-  return lp.final_params()
+    return values
+
+  return lp.train(prompts_it, body)

@@ -32,15 +32,13 @@ def train(run, params):
   lp = loop.StageLoop(run, "sft", params, total_steps=c.steps, learning_rate=c.learning_rate)
   batches = data.sft_batches(examples(run), c.batch_size, c.seq_len, run.tok.pad_id,
                              packing=c.packing, seed=run.cfg.seed)
-  extra = lp.resume()
-  if extra:
-    batches.set_state(extra["data"])
   step_fn = steps.make_sft_step(lp.model_cfg, c, lp.optimizer, run.mesh,
-                                chunk=run.cfg.loss_chunk)
-  for step in lp.steps():
-    batch = next(batches)
-    lp.state, m = step_fn(lp.state, parallel.shard_batch(batch, run.mesh))
-    lp.log(step + 1, m)
-    lp.maybe_checkpoint(step + 1, lambda: {"data": batches.get_state()})
-  lp.close()
-  return lp.final_params()
+                                chunk=run.cfg.loss_chunk, shardings=lp.shardings)
+
+  def body(step, batch):
+    del step
+    # UPDATE (metrics stay on the device; the loop reads them a step later)
+    lp.state, metrics = step_fn(lp.state, parallel.shard_batch(batch, run.mesh))
+    return metrics
+
+  return lp.train(batches, body)
