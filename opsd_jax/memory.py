@@ -42,10 +42,9 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from opsd_jax import model, parallel
+from opsd_jax import kv_cache, model, parallel
 
 GiB = 1024 ** 3
 
@@ -237,8 +236,8 @@ def _sampler_cache_bytes(model_cfg, mesh_shape, prompts: int, rows: int, slots: 
 
   def local(batch, length):
     batch = -(-batch // dp) * dp  # generate rounds rows up to the data-parallel size
-    cache = jax.eval_shape(lambda: model.init_cache(model_cfg, batch // dp, length,
-                                                    per_layer=True))
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(model_cfg, batch // dp, length,
+                                                       per_layer=True))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // kv_split
 
   del rows
