@@ -8,12 +8,10 @@ combination with one line that names the key.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import ml_collections
 
-from opsd_jax.data import formats as data_formats
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
@@ -81,7 +79,7 @@ class ModelConfig:
       if kind not in ("llama3", "linear"):
         problems.append(f"model.rope_scaling.rope_type {kind!r} is not supported "
                         "(supported: llama3, linear)")
-    problems += _lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets)
+    problems += lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets)
     if problems:
       raise ConfigError(problems[0])
 
@@ -122,7 +120,7 @@ class ModelConfig:
     return self.n_layers * per_layer + embed + self.d_model
 
 
-def _lora_problems(rank, alpha, targets) -> list[str]:
+def lora_problems(rank, alpha, targets) -> list[str]:
   """What is wrong with LoRA settings, named by their experiment keys (lora.*)."""
   if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
     return [f"lora.rank must be an int >= 0 (0 = off), got {rank!r}"]
@@ -280,156 +278,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-_CHOICES = {
-    "tokenizer.kind": ("toy", "sentencepiece", "hf"),
-    "tokenizer.chat_template": ("plain", "checkpoint"),
-    "data.kind": ("toy", "jsonl"),
-    "data.format": data_formats.FORMATS,
-    "data.on_bad_row": ("error", "skip"),
-    "eval.thinking": ("student", "on", "off"),
-    "optimizer.name": ("adamw", "adam", "sgd"),
-    "optimizer.schedule": ("constant", "cosine", "linear"),
-    "optimizer.state_dtype": ("param", "float32"),
-    "rlvr.advantage_scale": ("group", "batch", "none"),
-    "rlvr.aggregation": ("token_mean", "seq_mean_token_mean", "constant"),
-    "opsd.teacher": ("frozen", "ema", "current"),
-    "opsd.teacher_context": ("full", "answer_only", "none"),
-    "opsd.divergence": ("fkl", "rkl", "jsd"),
-    "opsd.estimator": ("full", "topk", "sampled"),
-    "opsd.reduction": ("token", "sequence"),
-    "opsd.rollout_filter": ("all", "correct_only", "incorrect_only", "split_direction"),
-    "on_nonfinite": ("stop", "skip"),
-}
-
-_POSITIVE = ("sft.batch_size", "sft.micro_batches", "sft.seq_len", "rlvr.prompts_per_step",
-             "rlvr.group_size", "rlvr.mini_batches", "rlvr.updates_per_batch",
-             "opsd.prompts_per_step", "opsd.rollouts_per_prompt", "opsd.mini_batches",
-             "sampling.max_new_tokens", "eval.batch_size", "eval.max_new_tokens",
-             "eval.samples_per_problem", "loss_chunk")
-_NON_NEGATIVE = ("sft.steps", "rlvr.steps", "opsd.steps", "seed", "log_every")
-
-
-def _get(cfg, dotted):
-  node = cfg
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.ConfigDict | None = None,
-             num_devices: int | None = None, check_devices: bool = True
-             ) -> ml_collections.ConfigDict:
-  """Checks keys, types and combinations; raises ConfigError naming the first bad key.
-
-  The mesh is checked against `num_devices` (default: jax.device_count(); check_devices=False
-  skips it, e.g. when validating on a machine other than the one that will run).
-  """
-  reference = default_config() if reference is None else reference
-  _check_keys(cfg, reference, "")
-  for key, choices in _CHOICES.items():
-    value = _get(cfg, key)
-    if value not in choices:
-      raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
-  for key, field in (("grid.rollout_filters", "opsd.rollout_filter"),
-                     ("grid.divergences", "opsd.divergence")):
-    for value in _get(cfg, key):
-      if value not in _CHOICES[field]:
-        raise ConfigError(f"{key}: {value!r} is not one of {_CHOICES[field]}")
-  g = cfg.grid
-  for arm in g.thinking_off_arms:
-    rollout_filter, _, divergence = str(arm).partition("/")
-    if (rollout_filter not in _CHOICES["opsd.rollout_filter"]
-        or divergence not in _CHOICES["opsd.divergence"]):
-      raise ConfigError(f"grid.thinking_off_arms: {arm!r} is not 'rollout_filter/divergence' "
-                        f"with a filter in {_CHOICES['opsd.rollout_filter']} and a divergence "
-                        f"in {_CHOICES['opsd.divergence']}")
-  if g.thinking_off_arms and not g.seeds:
-    raise ConfigError("grid.thinking_off_arms needs grid.seeds")
-  if not 0.0 <= cfg.sft.concise_share <= 1.0 or not 0.0 <= cfg.sft.thinking_off_share <= 1.0:
-    raise ConfigError(f"sft.concise_share and sft.thinking_off_share must be in [0, 1], got "
-                      f"{cfg.sft.concise_share} and {cfg.sft.thinking_off_share}")
-  if bool(g.rollout_filters) != bool(g.divergences) or bool(g.rollout_filters) != bool(g.seeds):
-    raise ConfigError("grid.rollout_filters, grid.divergences and grid.seeds must be all set "
-                      "or all empty")
-  for key in _POSITIVE:
-    if _get(cfg, key) < 1:
-      raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)!r}")
-  for key in _NON_NEGATIVE:
-    if _get(cfg, key) < 0:
-      raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
-  for stage in cfg.stages:
-    if stage not in STAGES:
-      raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(STAGES)})")
-  if "eval" in cfg.stages and tuple(cfg.stages) != ("eval",):
-    raise ConfigError(f"stages: 'eval' evaluates init_from alone, so it is the only stage; got "
-                      f"{tuple(cfg.stages)} (every training stage is evaluated anyway)")
-  s = cfg.sampling
-  if not 0.0 < s.top_p <= 1.0:
-    raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
-  if s.temperature < 0:
-    raise ConfigError(f"sampling.temperature must be >= 0, got {s.temperature}")
-  if s.top_k < 0:
-    raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
-  if cfg.sft.batch_size % cfg.sft.micro_batches:
-    raise ConfigError(f"sft.micro_batches ({cfg.sft.micro_batches}) must divide sft.batch_size "
-                      f"({cfg.sft.batch_size})")
-  r = cfg.rlvr
-  if "rlvr" in cfg.stages and r.group_size < 2:
-    raise ConfigError(f"rlvr.group_size must be >= 2 for group advantages, got {r.group_size}")
-  if (r.prompts_per_step * r.group_size) % r.mini_batches:
-    raise ConfigError(f"rlvr.mini_batches ({r.mini_batches}) must divide prompts_per_step x "
-                      f"group_size ({r.prompts_per_step * r.group_size})")
-  if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
-    raise ConfigError(f"rlvr.eps_low must be in [0, 1) and rlvr.eps_high >= 0, got "
-                      f"{r.eps_low}, {r.eps_high}")
-  o = cfg.opsd
-  if not 0.0 <= o.jsd_beta <= 1.0:
-    raise ConfigError(f"opsd.jsd_beta must be in [0, 1], got {o.jsd_beta}")
-  if not 0.0 <= o.ema_decay < 1.0:
-    raise ConfigError(f"opsd.ema_decay must be in [0, 1), got {o.ema_decay}")
-  if o.loss_temperature <= 0:
-    raise ConfigError(f"opsd.loss_temperature must be > 0, got {o.loss_temperature}")
-  if o.estimator == "topk" and o.topk < 1:
-    raise ConfigError(f"opsd.topk must be >= 1 with estimator topk, got {o.topk}")
-  if o.estimator != "full" and o.clip >= 0:
-    raise ConfigError("opsd.clip (pointwise clip) needs opsd.estimator='full'")
-  if (o.prompts_per_step * o.rollouts_per_prompt) % o.mini_batches:
-    raise ConfigError(f"opsd.mini_batches ({o.mini_batches}) must divide prompts_per_step x "
-                      f"rollouts_per_prompt")
-  if cfg.optimizer.master_weights and cfg.optimizer.state_dtype != "float32":
-    raise ConfigError("optimizer.master_weights needs optimizer.state_dtype='float32'")
-  if cfg.plan.tpu:
-    from opsd_jax import memory  # local, as parallel below
-    try:
-      num_devices = memory.tpu_slice(cfg.plan.tpu).chips  # the plan's mesh is the slice's
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  lora_problems = _lora_problems(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-  if lora_problems:
-    raise ConfigError(lora_problems[0])
-  _check_data_and_tokenizer(cfg)
-  for axis in ("data", "fsdp", "tensor"):
-    size = cfg.mesh[axis]
-    if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis} must be a positive size or -1, got {size}")
-  if num_devices is not None or check_devices:
-    from opsd_jax import parallel  # local: config stays importable without initialising jax
-    try:
-      parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  if (cfg.init_from and "://" not in cfg.init_from
-      and not os.path.isfile(os.path.join(cfg.init_from, "config.json"))):
-    raise ConfigError(f"init_from: {cfg.init_from!r} is not a Hugging Face directory "
-                      "(no config.json there)")
-  if not cfg.init_from:
-    section = cfg.model.to_dict()
-    if section.get("vocab_size") == 0:  # 0 = the tokenizer's vocabulary, known at run time
-      section["vocab_size"] = 1
-    to_model_config(section)  # raises ConfigError naming the model key
-  return cfg
-
-
 EVAL_SET_KEYS = dict(path="", num_problems=-1, samples_per_problem=-1)
 
 
@@ -449,30 +297,11 @@ def _check_eval_sets(sets):
         raise ConfigError(f"eval.sets.{name}.{key} must be >= 1 (or -1: eval.{key}), got {value}")
 
 
-def _check_data_and_tokenizer(cfg):
-  """Settings the chosen data path would ignore are errors, not silent no-ops."""
-  d, t = cfg.data, cfg.tokenizer
-  if d.kind == "toy":
-    ignored = [f"{k}={v!r}" for k, v in (("tokenizer.kind", t.kind), ("tokenizer.path", t.path),
-                                         ("data.train_path", d.train_path),
-                                         ("data.test_path", d.test_path))
-               if v and v != "toy"] + (["eval.sets"] if cfg.eval.sets else [])
-    if ignored:
-      raise ConfigError(f"data.kind='toy' generates its own problems and tokenizer, so "
-                        f"{', '.join(ignored)} would be ignored (set data.kind='jsonl' to use "
-                        "files)")
-    return
-  training = [s for s in cfg.stages if s != "eval"] + (["grid"] if cfg.grid.rollout_filters else [])
-  if training and not d.train_path:
-    raise ConfigError(f"data.train_path must be set for {', '.join(training)}")
-  if not d.test_path and not cfg.eval.sets:
-    raise ConfigError("data.test_path or eval.sets must name an evaluation set")
-  if t.kind == "toy":
-    raise ConfigError("tokenizer.kind='toy' is trained on the toy task's text; with "
-                      f"data.kind={d.kind!r} set tokenizer.kind to 'sentencepiece' or 'hf'")
-  if not t.path and not (t.kind == "hf" and cfg.init_from):
-    raise ConfigError(f"tokenizer.path must be set when tokenizer.kind={t.kind!r} (with "
-                      "tokenizer.kind='hf' and init_from set, the checkpoint's own files are used)")
+def check_keys(cfg: ml_collections.ConfigDict,
+               reference: ml_collections.ConfigDict | None = None) -> None:
+  """Every key is one `reference` (default_config) has, with a value of its type; eval.sets
+  entries against EVAL_SET_KEYS. Choices and combinations: experiment.validate."""
+  _check_keys(cfg, default_config() if reference is None else reference, "")
 
 
 def _check_keys(cfg, reference, prefix):

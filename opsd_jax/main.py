@@ -45,8 +45,9 @@ def main(argv):
     return _fail("error", e, 2)
   # Multi-host: join the other processes first, so the mesh check below sees every device.
   parallel.initialize_distributed()
+  from opsd_jax import experiment  # the modules whose choices it checks come with it
   try:
-    cfg = config_lib.validate(_CONFIG.value)
+    cfg = experiment.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""config.validate: a table of bad experiment configs, each rejected with one line naming the key;
+"""experiment.validate: a table of bad experiment configs, each rejected with one line naming the key;
 ModelConfig's own checks."""
 import json
 import os
@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from opsd_jax import config as config_lib
+from opsd_jax import experiment
 from opsd_jax.config import ConfigError, ModelConfig
 
 
@@ -81,6 +82,10 @@ BAD = [
      "tokenizer.kind='hf'"),
     ("toy data with a test file it would ignore", _set("data.test_path", "e.jsonl"),
      "data.test_path"),
+    ("a toy-only setting with data files", _many(_set("data.kind", "jsonl"),
+                                                  _set("data.train_path", "t.jsonl"),
+                                                  _set("data.test_path", "e.jsonl"),
+                                                  _set("data.num_train", 100)), "data.num_train"),
     ("eval stage beside training stages", _set("stages", ("sft", "eval")), "'eval'"),
     ("eval set without a path", _set("eval.sets", {"math500": {"num_problems": 4}}),
      "eval.sets.math500.path"),
@@ -104,7 +109,7 @@ BAD = [
 def test_bad_config_names_the_key(edit, key):
   cfg = _with(edit)
   with pytest.raises(ConfigError) as info:
-    config_lib.validate(cfg)
+    experiment.validate(cfg)
   message = str(info.value)
   assert key in message, message
   assert "\n" not in message  # one line
@@ -115,16 +120,16 @@ def test_table_is_large_enough():
 
 
 def test_good_configs_pass(tmp_path):
-  config_lib.validate(_base())
-  config_lib.validate(_with(_many(_set("mesh.data", 2), _set("mesh.fsdp", 2),
+  experiment.validate(_base())
+  experiment.validate(_with(_many(_set("mesh.data", 2), _set("mesh.fsdp", 2),
                                   _set("mesh.tensor", 2))))
   # A mesh for another machine: the device check can be skipped or pointed elsewhere.
   big = _with(_set("mesh.data", 64))
-  config_lib.validate(big, check_devices=False)
-  config_lib.validate(big, num_devices=64)
+  experiment.validate(big, check_devices=False)
+  experiment.validate(big, num_devices=64)
   with open(tmp_path / "config.json", "w") as f:
     json.dump({}, f)
-  config_lib.validate(_with(_set("init_from", str(tmp_path))))
+  experiment.validate(_with(_set("init_from", str(tmp_path))))
 
 
 def test_bad_model_config_names_the_field():

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from opsd_jax import config as config_lib
+from opsd_jax import experiment
 from opsd_jax import data
 from opsd_jax.data import files, jsonl
 from real_files import data_file
@@ -320,15 +321,15 @@ def test_inspect_prints_layout_counts_and_three_rows(tmp_path):
 
 
 def test_config_data_format_takes_the_layout_names():
-  assert config_lib._CHOICES["data.format"] == data.FORMATS
+  assert experiment.CHOICES["data.format"] == data.FORMATS
   assert set(data.LAYOUTS) >= {"gsm8k", "math", "math500", "aime", "dapo", "openthoughts"}
   cfg = config_lib.default_config()
   cfg.model.update(dict(vocab_size=0, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=16, mlp_dim=128))
   cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   cfg.data.format = "dapo"
-  config_lib.validate(cfg)
+  experiment.validate(cfg)
   bad = ml_collections.ConfigDict(cfg.to_dict())
   bad.data.format = "hendrycks"
   with pytest.raises(config_lib.ConfigError, match="data.format must be one of .*got .hendrycks."):
-    config_lib.validate(bad)
+    experiment.validate(bad)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opsd_jax import config as config_lib, hf, lora, losses, model, parallel, sampling
+from opsd_jax import config as config_lib, experiment, hf, lora, losses, model, parallel, sampling
 from opsd_jax.config import LORA_TARGETS, default_config
 from opsd_jax.train import state as state_lib, steps
 
@@ -280,7 +280,7 @@ def test_bad_lora_config_names_the_key(key, value, named):
   c.lora.rank = 8
   c.lora[key] = value
   with pytest.raises(config_lib.ConfigError, match=named):
-    config_lib.validate(c, check_devices=False)
+    experiment.validate(c, check_devices=False)
 
 
 def test_stage_loop_checkpoints_adapters_and_resumes_on_the_same_base(base, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from opsd_jax import config, memory, model, parallel
+from opsd_jax import config, experiment, memory, model, parallel
 from opsd_jax.train import optim, state as state_lib, steps
 
 import helpers
@@ -36,16 +36,16 @@ def test_config_validates_plan_tpu_and_master_weights():
   cfg = _small_cfg("full")
   cfg.plan.tpu = "v9-8"
   with pytest.raises(config.ConfigError, match="plan.tpu"):
-    config.validate(cfg)
+    experiment.validate(cfg)
   cfg = _small_cfg("full")
   cfg.plan.tpu, cfg.mesh.data, cfg.mesh.fsdp = "v5e-16", 1, 8  # 8 of 16 chips: not the slice
   with pytest.raises(config.ConfigError, match="16"):
-    config.validate(cfg)
+    experiment.validate(cfg)
   cfg.mesh.fsdp = -1
-  config.validate(cfg)
+  experiment.validate(cfg)
   cfg.optimizer.master_weights = True
   with pytest.raises(config.ConfigError, match="master_weights"):
-    config.validate(cfg)
+    experiment.validate(cfg)
 
 
 SMALL = helpers.tiny_config(96, mlp_dim=64, tie_embeddings=False)

@@ -25,6 +25,7 @@ import transformers
 import pipeline_helpers as helpers
 import real_files
 from opsd_jax import config as config_lib
+from opsd_jax import experiment
 from opsd_jax import hf, lora, model, pipeline
 
 REPO = helpers.REPO
@@ -82,7 +83,7 @@ def test_preset_dry_run_on_the_real_configs(name, tpu, tmp_path):
                                              "aime24_test.jsonl")})
   for set_name in ("math500", "aime24", "aime25"):
     cfg.eval.sets[set_name].path = _real_sets(set_name)
-  out = pipeline.plan(config_lib.validate(cfg), str(tmp_path / "work"))
+  out = pipeline.plan(experiment.validate(cfg), str(tmp_path / "work"))
   assert not (tmp_path / "work").exists(), "a dry run wrote files"
   with open(real_files.CONFIGS[size]) as f:
     real = json.load(f)
@@ -124,7 +125,7 @@ def test_the_run_builds_what_the_dry_run_planned(tmp_path):
   cfg = _preset(PAPER_A, init_from=str(ckpt), **{"data.train_path": str(train)})
   cfg.eval.sets = {"math500": dict(path=str(test), num_problems=-1, samples_per_problem=-1)}
   cfg.lora.rank = 4
-  cfg = config_lib.validate(cfg)
+  cfg = experiment.validate(cfg)
   run = pipeline.setup(cfg, str(tmp_path / "work"))
   try:
     proc, _ = helpers.run(PAPER_A, tmp_path / "dry", "--dry_run", f"--config.init_from={ckpt}",

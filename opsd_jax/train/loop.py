@@ -51,6 +51,8 @@ from opsd_jax.train import steps as steps_lib
 
 
 _STAGE_IDS = {"sft": 1, "rlvr": 2, "opsd": 3}  # fixed: str hash() changes between processes
+# on_nonfinite: stop (keep the last good checkpoint, exit 1) or skip the update and count it.
+ON_NONFINITE = ("stop", "skip")
 
 
 class NonFiniteError(FloatingPointError):
