@@ -353,8 +353,8 @@ class Grader:
 
 
 # ------------------------------------------------------------------------------------------------
-# One shared pool for `verify.is_equivalent` / `verify.grade` (started on first use, closed at
-# exit; a forked child starts its own).
+# One shared pool for `is_equivalent` / `grade` (started on first use, closed at exit; a forked
+# child starts its own).
 
 _shared_grader: Grader | None = None
 _shared_lock = threading.Lock()
@@ -368,3 +368,14 @@ def shared() -> Grader:
       _shared_grader = Grader()
       atexit.register(_shared_grader.close)
     return _shared_grader
+
+
+def is_equivalent(answer: str, gold, timeout_s: float = 5.0) -> bool:
+  """Whether an extracted answer equals the gold answer (or one of a list of them): math-verify
+  in the shared pool, with a hard time limit."""
+  return shared().is_equivalent(answer, gold, timeout_s=timeout_s)
+
+
+def grade(texts: Sequence[str], golds: Sequence, timeout_s: float = 5.0) -> GradeResult:
+  """`Grader.grade` with the shared pool."""
+  return shared().grade(texts, golds, timeout_s=timeout_s)

@@ -4,9 +4,9 @@ This module is the answer logic: where a response's answer is (`answer_region`, 
 how answers are normalised, the exact fast verdict on plain numbers, and the math-verify
 comparison (`math_verify_equal`) that the worker processes run. The pool that runs it,
 `opsd_jax.grader` (`Grader`, `GradeResult`: killable workers with hard wall-clock limits), lives
-apart so the verdict policy reads without the process management. The grader imports this module;
-this module imports the grader only inside the `is_equivalent` / `grade` conveniences (one shared
-pool), never at import time, so neither import is a cycle. Bench: `python bench/verify.py`.
+apart so the verdict policy reads without the process management; it imports this module, never
+the other way round, and holds the conveniences `grader.is_equivalent` / `grader.grade` (one
+shared pool). Bench: `python bench/verify.py`.
 
 Model text is untrusted input. It is never executed; it is only matched with regexes, parsed with
 `fractions.Fraction` on the fast path, or parsed by math-verify (LaTeX -> SymPy) inside worker
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fractions
 import re
-from typing import Sequence
 
 # Only the tail of a response is searched for the answer: the final answer sits at the end, and
 # this bounds the work per response whatever the model emits.
@@ -240,19 +239,3 @@ def math_verify_equal(answer: str, gold: str) -> bool:
   if not parsed_gold or not parsed_answer:
     return False
   return bool(math_verify.verify(parsed_gold, parsed_answer, timeout_seconds=None))
-
-
-# ------------------------------------------------------------------------------------------------
-# Module-level conveniences over one shared pool (started on first use, closed at exit). The
-# import is here, not at the top, because the grader imports this module.
-
-def is_equivalent(answer: str, gold, timeout_s: float = 5.0) -> bool:
-  """Whether an extracted answer equals the gold answer (math-verify, hard time limit)."""
-  from opsd_jax import grader
-  return grader.shared().is_equivalent(answer, gold, timeout_s=timeout_s)
-
-
-def grade(texts: Sequence[str], golds: Sequence, timeout_s: float = 5.0):
-  """`grader.Grader.grade` with the shared pool; returns a `grader.GradeResult`."""
-  from opsd_jax import grader
-  return grader.shared().grade(texts, golds, timeout_s=timeout_s)

@@ -118,7 +118,7 @@ def test_table_records_math_verify_as_it_is():
 
 def test_is_equivalent_matches_table_sample():
   for case in CASES[::10]:
-    assert verify.is_equivalent(case["answer"], case["gold"], timeout_s=TIMEOUT_S) == \
+    assert grader_lib.is_equivalent(case["answer"], case["gold"], timeout_s=TIMEOUT_S) == \
         case.get("grader", case["expected"]), case
 
 
@@ -271,7 +271,7 @@ def test_bad_arguments():
 
 
 def test_module_level_grade():
-  result = verify.grade([r"\boxed{\dfrac{3}{6}}", "none", r"\boxed{7}"], ["1/2", "1", "8"],
+  result = grader_lib.grade([r"\boxed{\dfrac{3}{6}}", "none", r"\boxed{7}"], ["1/2", "1", "8"],
                         timeout_s=TIMEOUT_S)
   np.testing.assert_array_equal(result.correct, [True, False, False])
   assert result.extracted == [r"\dfrac{3}{6}", None, "7"]

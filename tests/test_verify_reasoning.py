@@ -182,7 +182,7 @@ def test_mixed_str_and_list_golds_and_is_equivalent(grader):
   np.testing.assert_array_equal(result.correct, [True, True, False])
   assert grader.is_equivalent("\\sqrt{2}", ["1", "2^{1/2}"])
   assert not grader.is_equivalent("\\sqrt{2}", ("1", "2"))
-  assert verify.is_equivalent("0.5", ["3", r"\frac{1}{2}"], timeout_s=TIMEOUT_S)
+  assert grader_lib.is_equivalent("0.5", ["3", r"\frac{1}{2}"], timeout_s=TIMEOUT_S)
 
 
 def test_empty_gold_list_is_an_error(grader):
