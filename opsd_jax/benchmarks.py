@@ -95,7 +95,8 @@ def _evaluate_set(run, params, label, set_index, name, problems, thinking):
     if c in done:
       continue
     ro = rollouts_lib.sample_and_grade(
-        run.sampler, params, [problems[i] for i in ids], num_samples=samples, temperature=e.temperature,
+        run.sampler, params, [problems[i] for i in ids], num_samples=samples,
+        temperature=e.temperature,
         top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
         rng=jax.random.fold_in(base, c), thinking=thinking)
     done[c] = dict(chunk=c, problem_ids=[ids[i] for i in ro.problem_ids.tolist()],

@@ -60,7 +60,8 @@ def summarize(problem_ids: Sequence, correct: Sequence[bool], lengths: Sequence[
   avg@n: mean correctness over all samples (= the mean over problems of per-problem accuracy when
   every problem has n samples, the case reported). pass@k: unbiased estimator per problem, averaged,
   for each k in `k` (default: 1, 2, 4, ... up to n, and n). maj@n: majority vote over `answers`
-  (extracted answers, None = no answer) when given. Lengths are in tokens; `texts` give the hesitation-marker rates.
+  (extracted answers, None = no answer) when given. Lengths are in tokens; `texts` give the
+  hesitation-marker rates.
   """
   problem_ids = np.asarray(problem_ids)
   correct = np.asarray(correct, np.bool_)

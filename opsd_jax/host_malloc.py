@@ -3,18 +3,17 @@
 XLA:CPU allocates each execution's temporaries as one block (2 GB for the train step of
 bench/train_step.py) with malloc, from the worker thread that runs it, and frees it at the end.
 glibc serves blocks that big with a fresh mmap and returns them with munmap, so every step
-page-faults its whole working set in again (the kernel zeroing every page) and unmaps it after:
-0.7 s of system time per 2.3 s SFT step on a 2-core AMD EPYC. Served from the main heap, never
-trimmed, the next step reuses the same, already-mapped pages: the same step takes 1.9-2.0 s.
-(PyTorch's CPU tuning guides recommend jemalloc or tcmalloc for the same reason.)
+page-faults its whole working set in again (the kernel zeroing every page) and unmaps it after,
+a large share of the step in system time. Served from the main heap, never trimmed, the next step
+reuses the same, already-mapped pages (`python3 bench/train_step.py --malloc reuse|system`
+measures both; docs/benchmarks.md has the figures). PyTorch's CPU tuning guides recommend jemalloc
+or tcmalloc for the same reason.
 
-The costs: other allocations split a freed block now and then, and the heap grows by a block.
-Measured: it grew twice within the first 12 steps (one slow step each, 5 s at 2 GB), then stayed
-flat to step 250 (2 GB block) and 300 (0.5 GB block), so the process holds about two
-blocks more than with glibc's defaults. And with one arena every thread's malloc takes the same
-lock: the toy pipeline (small temporaries, many short executions) ran 10-15 % slower with it
-(tests/test_pipeline.py 93-97 s against 80-88 s). So it is opt-in: OPSD_JAX_HOST_MALLOC=reuse for
-the CLI (`configure_from_env`), on for bench/train_step.py.
+The costs: other allocations split a freed block now and then, and the heap grows by a block
+early in a run, then stays flat, so the process holds about two blocks more than with glibc's
+defaults. And with one arena every thread's malloc takes the same lock, which slows the toy
+pipeline (small temporaries, many short executions; docs/benchmarks.md). So it is opt-in:
+OPSD_JAX_HOST_MALLOC=reuse for the CLI (`configure_from_env`), on for bench/train_step.py.
 
 The setting is process-wide and binds a thread at its first malloc, so it must be made before JAX
 starts its backend (before the first device query or computation). It is skipped where it would

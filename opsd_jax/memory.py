@@ -27,7 +27,7 @@ Checked against XLA's own accounting on CPU (tests/test_memory.py): the compiled
 argument + output - aliased (donated) + temp bytes (`compiled.memory_analysis()`, the buffer
 assignment: what the device allocator has to provide), for small models under each remat policy,
 on one device and on fsdp / tensor meshes of 8 CPU devices, agree with the train-step total within
-20 % (measured 0.98-1.2x). Peak RSS would mix in the compiler's own memory and the allocator's
+20 % (the bound the test asserts). Peak RSS would mix in the compiler's own memory and the allocator's
 caching, so it is not used. The check uses 10 layers: model.py unrolls scans of <= 8 layers, and
 an unrolled scan lets CPU XLA undo remat by common-subexpression elimination (measured: the same
 bytes for none / full / dots at 4 layers), so there the plan's remat savings are not realised.

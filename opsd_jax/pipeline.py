@@ -273,7 +273,8 @@ def _stage_loop(stage):
 def run(cfg, workdir):
   run_ = setup(cfg, workdir)
   # Multi-host: process 0's files decide what is done, for every process alike.
-  results = parallel.broadcast_object(results_lib.load(run_.workdir) if parallel.is_primary() else None)
+  results = parallel.broadcast_object(
+      results_lib.load(run_.workdir) if parallel.is_primary() else None)
   results["data"] = run_.data_report
   params = None
   try:
@@ -382,11 +383,15 @@ def plan(cfg, workdir) -> str:
   g = cfg.grid
   if g.rollout_filters:
     n = len(grid.branches(g))  # split_direction runs once per seed
+    branch_plan = ("each branch plans as stage opsd above" if "opsd" in cfg.stages else
+                   "memory per device ~" + _gib(memory.plan_stage(cfg, model_cfg, "opsd",
+                                                                  mesh_shape).total) + " GiB")
     lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
                  f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)}, "
                  f"thinking-off arms {list(g.thinking_off_arms)}, x seeds {list(g.seeds)}); "
-                 + ("each branch plans as stage opsd above" if "opsd" in cfg.stages else
-                    "memory per device ~"
-                    f"{memory.plan_stage(cfg, model_cfg, 'opsd', mesh_shape).total / memory.GiB:.3f}"
-                    " GiB"))
+                 + branch_plan)
   return "\n".join(lines)
+
+
+def _gib(nbytes) -> str:
+  return f"{nbytes / 2 ** 30:.3f}"
