@@ -103,15 +103,16 @@ def adapter_shardings(model_cfg: ModelConfig, mesh) -> Params:
   return split(parallel.param_shardings(model_cfg, mesh))[1]
 
 
-def init_adapters(model_cfg: ModelConfig, rng: jax.Array, mesh=None) -> Params:
-  """Fresh adapters (A random, B zero) in their shards; the base init is traced but unused,
-  so XLA drops it."""
+def init_adapters(model_cfg: ModelConfig, rng: jax.Array, mesh=None, shardings=None) -> Params:
+  """Fresh adapters (A random, B zero) in their shards (`shardings`, the stage's, or computed
+  from the mesh); the base init is traced but unused, so XLA drops it."""
   if not enabled(model_cfg):
     raise ValueError("lora.init_adapters: lora rank is 0 (LoRA off)")
   fn = lambda key: split(model.init(model_cfg, key))[1]  # noqa: E731
   if mesh is None:
     return jax.jit(fn)(rng)
-  return jax.jit(fn, out_shardings=adapter_shardings(model_cfg, mesh))(rng)
+  shardings = adapter_shardings(model_cfg, mesh) if shardings is None else shardings
+  return jax.jit(fn, out_shardings=shardings)(rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +139,11 @@ def _merge_tree(base, adapters, s):
 
 
 def merge(model_cfg: ModelConfig, params: Params, adapters: Params | None = None,
-          mesh=None) -> Params:
+          mesh=None, out_shardings=None) -> Params:
   """Plain parameters (the base tree's structure and dtype) with W + (alpha / r) A B folded into
   every adapted kernel. Takes base + adapters, or one tree holding both. A new tree: the inputs
-  stay valid. With a mesh, the result lands in the base parameters' shardings."""
+  stay valid. With a mesh, the result lands in the base parameters' shardings (`out_shardings`,
+  the stage's, or computed from the mesh)."""
   base, found = split(params)
   adapters = found if adapters is None else adapters
   if not adapters:
@@ -151,8 +153,9 @@ def merge(model_cfg: ModelConfig, params: Params, adapters: Params | None = None
   fn = lambda b, a: _merge_tree(b, a, scale(model_cfg))  # noqa: E731
   if mesh is None:
     return jax.jit(fn)(base, adapters)
-  out = parallel.param_shardings(base_config(model_cfg), mesh)
-  return jax.jit(fn, out_shardings=out)(base, adapters)
+  if out_shardings is None:
+    out_shardings = parallel.param_shardings(base_config(model_cfg), mesh)
+  return jax.jit(fn, out_shardings=out_shardings)(base, adapters)
 
 
 def num_adapter_params(model_cfg: ModelConfig) -> int:

@@ -17,8 +17,8 @@ v5p-8 plan runs on a laptop):
   fsdp > 1, the gathered weights (one layer's and its gradient, the unembedding) - an estimate.
 - loss chunk: the [rows, chunk, V] float32 buffers alive inside one chunk of the chunked loss
   (SFT / GRPO: logits, probabilities, their gradient; OPSD: student and teacher of each).
-- KV cache: the sampler's real `model.init_cache` (per-layer buffers of the decode slots, plus the
-  prefilled prompt caches), batch over data x fsdp, KV heads over tensor.
+- KV cache: the sampler's real `kv_cache.init_cache` (per-layer buffers of the decode slots, plus
+  the prefilled prompt caches), batch over data x fsdp, KV heads over tensor.
 
 A stage's peak is the larger of its train step (state + gradients + activations + loss chunk) and
 its sampling (state + KV cache); evaluation (its own sampler settings) is planned as one more row.
@@ -27,9 +27,9 @@ Checked against XLA's own accounting on CPU (tests/test_memory.py): the compiled
 argument + output - aliased (donated) + temp bytes (`compiled.memory_analysis()`, the buffer
 assignment: what the device allocator has to provide), for small models under each remat policy,
 on one device and on fsdp / tensor meshes of 8 CPU devices, agree with the train-step total within
-20 % (the bound the test asserts). Peak RSS would mix in the compiler's own memory and the allocator's
-caching, so it is not used. The check uses 10 layers: model.py unrolls scans of <= 8 layers, and
-an unrolled scan lets CPU XLA undo remat by common-subexpression elimination (measured: the same
+20 % (the bound the test asserts). Peak RSS would mix in the compiler's own memory and the
+allocator's caching, so it is not used. The check uses 10 layers: model.py unrolls scans of <= 8
+layers, and an unrolled scan lets CPU XLA undo remat by common-subexpression elimination (measured: the same
 bytes for none / full / dots at 4 layers), so there the plan's remat savings are not realised.
 """
 from __future__ import annotations
@@ -229,7 +229,8 @@ LOSS_CHUNK_BUFFERS = {"sft": 3, "rlvr": 3, "opsd": 6}
 def _sampler_cache_bytes(model_cfg, mesh_shape, prompts: int, rows: int, slots: int,
                          prompt_len: int, new_tokens: int) -> int:
   """KV cache of one sampling call on one device: the prefilled prompts' caches and the decode
-  slots' caches (both per-layer buffers from model.init_cache), as sampling.generate sizes them."""
+  slots' caches (both per-layer buffers from kv_cache.init_cache), as sampling.generate sizes
+  them."""
   dp = mesh_shape[0] * mesh_shape[1]
   tensor = mesh_shape[2]
   kv_split = tensor if model_cfg.n_kv_heads % tensor == 0 else 1
@@ -326,7 +327,8 @@ def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StageP
     rows, seq = sample_rows // c.mini_batches, s.max_new_tokens
     loss_tokens = s.max_new_tokens
     shape = (f"{c.prompts_per_step} prompts x {per_prompt} = {sample_rows} rollouts, "
-             f"{c.mini_batches} mini-batches, sequences <= {prompt_len} + {s.max_new_tokens} tokens")
+             f"{c.mini_batches} mini-batches, sequences <= {prompt_len} + {s.max_new_tokens} "
+             "tokens")
   local_rows = -(-rows // dp)
   loss_fn, extra, batch = stage_loss(cfg, model_cfg, stage, local_rows, prompt_len, seq)
   abstract = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))

@@ -151,7 +151,8 @@ class StageLoop:
     copy = steps_lib.teacher_copy(teacher, uses_lora)
     self._save_teacher = copy and steps_lib.teacher_in_checkpoint(teacher)
     if uses_lora:
-      adapters = lora.init_adapters(self.model_cfg, jax.random.fold_in(rng, 1 << 20), run.mesh)
+      adapters = lora.init_adapters(self.model_cfg, jax.random.fold_in(rng, 1 << 20), run.mesh,
+                                    shardings=self.shardings.trained)
       self.state = state_lib.create(adapters, self.optimizer, rng, adapters if copy else None,
                                     model_cfg=self.model_cfg, mesh=run.mesh, base_params=params,
                                     shardings=self.shardings)
@@ -299,7 +300,8 @@ class StageLoop:
     """The stage's output: the trained parameters; with LoRA merged into the base (a new tree)."""
     if self.state.base_params is None:
       return self.state.params
-    return lora.merge(self.model_cfg, self.state.base_params, self.state.params, self.run.mesh)
+    return lora.merge(self.model_cfg, self.state.base_params, self.state.params, self.run.mesh,
+                      out_shardings=self.shardings.base)
 
   def log(self, step: int, values: dict[str, Any]):
     """Records the metrics of update `step` (1-based count of updates done), checks finiteness."""
