@@ -179,12 +179,6 @@ def _check_data_and_tokenizer(cfg):
                         f"{', '.join(ignored)} would be ignored (set data.kind='jsonl' to use "
                         "files)")
     return
-  defaults = config.default_config()
-  toy_only = [k for k in ("data.num_train", "data.difficulty", "sft.concise_share",
-                          "sft.thinking_off_share") if _get(cfg, k) != _get(defaults, k)]
-  if toy_only:
-    raise ConfigError(f"{toy_only[0]}={_get(cfg, toy_only[0])!r} shapes the toy task only; "
-                             f"with data.kind={d.kind!r} it would be ignored (leave it unset)")
   training = [s for s in cfg.stages if s != "eval"] + (["grid"] if cfg.grid.rollout_filters else [])
   if training and not d.train_path:
     raise ConfigError(f"data.train_path must be set for {', '.join(training)}")
