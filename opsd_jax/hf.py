@@ -334,7 +334,10 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     def handle(key):
       file = files[key]
       if file not in handles:
-        handles[file] = safe_open(file, framework="numpy")
+        try:
+          handles[file] = safe_open(file, framework="numpy")
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header
+          raise CheckpointFormatError(f"{file}: not a readable safetensors file ({e})") from e
       return handles[file]
 
     params: dict[str, Any] = {}

@@ -167,7 +167,7 @@ def _write_rows(source, dest, n, skip=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied", [True])  # untied (Qwen3-8B's form): _tiny_checkpoint below
 def test_scaled_down_real_run_end_to_end(tied, tmp_path):
   """RLVR -> OPSD (thinking-off student, thinking-on teacher) -> evaluation -> HF export on a
   tiny random Qwen3 in the Hub's form with the real tokenizer, template and data."""
@@ -272,12 +272,14 @@ EVAL = os.path.join(REPO, "experiments", "eval_math.py")
 
 
 def _tiny_checkpoint(directory):
+  """An untied tiny Qwen3 at the real vocabulary, bf16 shards + index, real tokenizer files."""
   torch.manual_seed(0)
   transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
       vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)).to(
-          torch.bfloat16).save_pretrained(str(directory))
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)).to(
+          torch.bfloat16).save_pretrained(str(directory), max_shard_size="6MB")
   real_files.qwen3_tokenizer_dir(str(directory))
+  assert os.path.exists(os.path.join(directory, "model.safetensors.index.json"))
   return str(directory)
 
 
@@ -334,12 +336,12 @@ def test_bad_real_inputs_are_one_line_before_training(tmp_path):
   assert proc.returncode == 2
   line = helpers.error_line(proc)
   assert "eval.sets.aime25.path: no file at" in line and "nope.jsonl" in line, line
-  weights = ckpt + "/model.safetensors"
-  with open(weights, "r+b") as f:
+  weights = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))[0]
+  with open(os.path.join(ckpt, weights), "r+b") as f:
     f.truncate(100)
   proc, _ = helpers.run(EVAL, tmp_path / "w2", *args,
                         f"--config.eval.sets.aime25.path={math500}")
   assert proc.returncode == 2
   line = helpers.error_line(proc)
-  assert "model.safetensors" in line, line
+  assert weights in line, line
   assert not os.path.exists(tmp_path / "w2" / "results.json")
