@@ -64,6 +64,27 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   skips it, e.g. when validating on a machine other than the one that will run).
   """
   config.check_keys(cfg, reference)
+  _check_choices(cfg)
+  _check_grid(cfg)
+  _check_numbers(cfg)
+  _check_stages(cfg)
+  _check_rlvr(cfg)
+  _check_opsd(cfg)
+  if cfg.plan.tpu:
+    try:
+      num_devices = memory.tpu_slice(cfg.plan.tpu).chips  # the plan's mesh is the slice's
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  lora_problems = config.lora_problems(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+  if lora_problems:
+    raise ConfigError(lora_problems[0])
+  _check_data_and_tokenizer(cfg)
+  _check_mesh(cfg, num_devices, check_devices)
+  _check_model(cfg)
+  return cfg
+
+
+def _check_choices(cfg):
   for key, choices in CHOICES.items():
     value = _get(cfg, key)
     if value not in choices:
@@ -73,6 +94,9 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
     for value in _get(cfg, key):
       if value not in CHOICES[field]:
         raise ConfigError(f"{key}: {value!r} is not one of {CHOICES[field]}")
+
+
+def _check_grid(cfg):
   g = cfg.grid
   for arm in g.thinking_off_arms:
     rollout_filter, _, divergence = str(arm).partition("/")
@@ -83,24 +107,22 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
                         f"in {CHOICES['opsd.divergence']}")
   if g.thinking_off_arms and not g.seeds:
     raise ConfigError("grid.thinking_off_arms needs grid.seeds")
-  if not 0.0 <= cfg.sft.concise_share <= 1.0 or not 0.0 <= cfg.sft.thinking_off_share <= 1.0:
-    raise ConfigError(f"sft.concise_share and sft.thinking_off_share must be in [0, 1], got "
-                      f"{cfg.sft.concise_share} and {cfg.sft.thinking_off_share}")
   if bool(g.rollout_filters) != bool(g.divergences) or bool(g.rollout_filters) != bool(g.seeds):
     raise ConfigError("grid.rollout_filters, grid.divergences and grid.seeds must be all set "
                       "or all empty")
+
+
+def _check_numbers(cfg):
+  """Counts that must be positive, shares in [0, 1], sampling settings in range."""
   for key in _POSITIVE:
     if _get(cfg, key) < 1:
       raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)!r}")
   for key in _NON_NEGATIVE:
     if _get(cfg, key) < 0:
       raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
-  for stage in cfg.stages:
-    if stage not in config.STAGES:
-      raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(config.STAGES)})")
-  if "eval" in cfg.stages and tuple(cfg.stages) != ("eval",):
-    raise ConfigError(f"stages: 'eval' evaluates init_from alone, so it is the only stage; got "
-                      f"{tuple(cfg.stages)} (every training stage is evaluated anyway)")
+  if not 0.0 <= cfg.sft.concise_share <= 1.0 or not 0.0 <= cfg.sft.thinking_off_share <= 1.0:
+    raise ConfigError(f"sft.concise_share and sft.thinking_off_share must be in [0, 1], got "
+                      f"{cfg.sft.concise_share} and {cfg.sft.thinking_off_share}")
   s = cfg.sampling
   if not 0.0 < s.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
@@ -111,6 +133,18 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   if cfg.sft.batch_size % cfg.sft.micro_batches:
     raise ConfigError(f"sft.micro_batches ({cfg.sft.micro_batches}) must divide sft.batch_size "
                       f"({cfg.sft.batch_size})")
+
+
+def _check_stages(cfg):
+  for stage in cfg.stages:
+    if stage not in config.STAGES:
+      raise ConfigError(f"stages: unknown stage {stage!r} (known: {', '.join(config.STAGES)})")
+  if "eval" in cfg.stages and tuple(cfg.stages) != ("eval",):
+    raise ConfigError(f"stages: 'eval' evaluates init_from alone, so it is the only stage; got "
+                      f"{tuple(cfg.stages)} (every training stage is evaluated anyway)")
+
+
+def _check_rlvr(cfg):
   r = cfg.rlvr
   if "rlvr" in cfg.stages and r.group_size < 2:
     raise ConfigError(f"rlvr.group_size must be >= 2 for group advantages, got {r.group_size}")
@@ -120,6 +154,9 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
     raise ConfigError(f"rlvr.eps_low must be in [0, 1) and rlvr.eps_high >= 0, got "
                       f"{r.eps_low}, {r.eps_high}")
+
+
+def _check_opsd(cfg):
   o = cfg.opsd
   if not 0.0 <= o.jsd_beta <= 1.0:
     raise ConfigError(f"opsd.jsd_beta must be in [0, 1], got {o.jsd_beta}")
@@ -136,15 +173,9 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
                       f"rollouts_per_prompt")
   if cfg.optimizer.master_weights and cfg.optimizer.state_dtype != "float32":
     raise ConfigError("optimizer.master_weights needs optimizer.state_dtype='float32'")
-  if cfg.plan.tpu:
-    try:
-      num_devices = memory.tpu_slice(cfg.plan.tpu).chips  # the plan's mesh is the slice's
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  lora_problems = config.lora_problems(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-  if lora_problems:
-    raise ConfigError(lora_problems[0])
-  _check_data_and_tokenizer(cfg)
+
+
+def _check_mesh(cfg, num_devices, check_devices):
   for axis in ("data", "fsdp", "tensor"):
     size = cfg.mesh[axis]
     if size == 0 or size < -1:
@@ -154,6 +185,10 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
       parallel.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+
+def _check_model(cfg):
+  """init_from is a Hugging Face directory, or the model section builds a ModelConfig."""
   if (cfg.init_from and "://" not in cfg.init_from
       and not os.path.isfile(os.path.join(cfg.init_from, "config.json"))):
     raise ConfigError(f"init_from: {cfg.init_from!r} is not a Hugging Face directory "
@@ -163,7 +198,6 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
     if section.get("vocab_size") == 0:  # 0 = the tokenizer's vocabulary, known at run time
       section["vocab_size"] = 1
     config.to_model_config(section)  # raises ConfigError naming the model key
-  return cfg
 
 
 def _check_data_and_tokenizer(cfg):

@@ -52,27 +52,24 @@ def limit(buckets, max_position: int, max_new_tokens: int) -> int:
 def fit(name, rows, tok, template, *, student_modes, prompt_limit, teacher=None):
   """(kept rows, FitReport). `student_modes`: the thinking modes the student prompt is sampled in;
   `teacher`: the OPSD section (teacher_context, teacher_thinking, student_thinking,
-  teacher_thought) when teacher prompts must fit too, else None."""
+  teacher_thought) when teacher prompts must fit too, else None. A row is dropped for the first
+  prompt of it that is too long, and counted under that role."""
+  prompts = [("student", [prompts_lib.student_text(template, r["question"], thinking=thinking)
+                          for r in rows]) for thinking in sorted(set(student_modes))]
+  if teacher is not None:
+    prompts.append(("teacher", [teacher_text(template, r, teacher) for r in rows]))
   too_long = collections.Counter()
   bad = [False] * len(rows)
-  longest_student = longest_teacher = 0
-  for thinking in sorted(set(student_modes)):
-    texts = [prompts_lib.student_text(template, r["question"], thinking=thinking) for r in rows]
+  longest = collections.Counter()
+  for role, texts in prompts:
     for i, n in enumerate(_lengths(tok, texts)):
-      longest_student = max(longest_student, n)
+      longest[role] = max(longest[role], n)
       if n > prompt_limit and not bad[i]:
         bad[i] = True
-        too_long[f"student prompt over {prompt_limit} tokens"] += 1
-  if teacher is not None:
-    texts = [teacher_text(template, r, teacher) for r in rows]
-    for i, n in enumerate(_lengths(tok, texts)):
-      longest_teacher = max(longest_teacher, n)
-      if n > prompt_limit and not bad[i]:
-        bad[i] = True
-        too_long[f"teacher prompt over {prompt_limit} tokens"] += 1
+        too_long[f"{role} prompt over {prompt_limit} tokens"] += 1
   kept = [r for r, b in zip(rows, bad) if not b]
-  return kept, FitReport(name, len(rows), len(kept), dict(too_long), longest_student,
-                         longest_teacher)
+  return kept, FitReport(name, len(rows), len(kept), dict(too_long), longest["student"],
+                         longest["teacher"])
 
 
 def teacher_text(template, row, o) -> str:
