@@ -16,6 +16,9 @@ Results: <workdir>/results.md (the base on each benchmark), grid.md / grid.png (
 init_from is a Hugging Face directory (config.json, safetensors shards + index, tokenizer.json,
 tokenizer_config.json, generation_config.json), local or gs://; the tokenizer and its chat
 template are the checkpoint's own. `--dry_run` needs only config.json and the tokenizer files.
+Memory (`--dry_run --config.plan.tpu=...`): an OPSD arm plans at ~79 GiB per chip on a v5p-8
+(95 GiB); on a v5e-16 (16 GiB chips) it plans at ~30 GiB and does not fit, even with LoRA
+(~23 GiB, the rollouts' KV cache dominates): use a v5p slice, or fewer rollouts per update.
 
 Settings, and where each number comes from ("chosen": the paper does not state it;
 docs/method.md says which of the paper's figures are second-hand):

@@ -371,6 +371,13 @@ def _gib(b) -> str:
   return f"{b / GiB:.2f}"
 
 
+def fits(total_bytes: int, tpu: TpuSlice) -> str:
+  """'yes', 'tight' (above TIGHT of the chip's HBM) or 'NO'."""
+  if total_bytes > tpu.hbm_bytes:
+    return "NO"
+  return "tight" if total_bytes > TIGHT * tpu.hbm_bytes else "yes"
+
+
 def format_plan(plans, mesh_shape, tpu: TpuSlice | None = None) -> list[str]:
   """Lines: per stage 'stage X: ... memory per device ~T GiB', then a table in GiB."""
   where = (f"{tpu.name} ({tpu.chips} chips x {HBM_GIB[tpu.family]} GiB HBM)" if tpu else
@@ -384,8 +391,7 @@ def format_plan(plans, mesh_shape, tpu: TpuSlice | None = None) -> list[str]:
     row = [p.stage, *(_gib(p.parts[c]) for c in COLUMNS), _gib(p.train_peak),
            _gib(p.sample_peak), _gib(p.total)]
     if tpu:
-      row.append("NO" if p.total > tpu.hbm_bytes else
-                 "tight" if p.total > TIGHT * tpu.hbm_bytes else "yes")
+      row.append(fits(p.total, tpu))
     rows.append(row)
   widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
   for r in [header, *rows]:

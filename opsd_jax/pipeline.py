@@ -383,9 +383,12 @@ def plan(cfg, workdir) -> str:
   g = cfg.grid
   if g.rollout_filters:
     n = len(grid.branches(g))  # split_direction runs once per seed
-    branch_plan = ("each branch plans as stage opsd above" if "opsd" in cfg.stages else
-                   "memory per device ~" + _gib(memory.plan_stage(cfg, model_cfg, "opsd",
-                                                                  mesh_shape).total) + " GiB")
+    if "opsd" in cfg.stages:
+      branch_plan = "each branch plans as stage opsd above"
+    else:
+      total = memory.plan_stage(cfg, model_cfg, "opsd", mesh_shape).total
+      branch_plan = f"memory per device ~{_gib(total)} GiB" + (
+          f", fits {tpu.name}: {memory.fits(total, tpu)}" if tpu else "")
     lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
                  f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)}, "
                  f"thinking-off arms {list(g.thinking_off_arms)}, x seeds {list(g.seeds)}); "
