@@ -285,8 +285,7 @@ def run(cfg, workdir):
       final_dir = os.path.join(run_.stage_dir(stage), "final")
       if parallel.broadcast_object(stage in results and checkpoint.exists(final_dir)):
         results_lib.say(f"{stage}: already done, loading its final parameters")
-        params = checkpoint.load_params(final_dir, parallel.param_shardings(run_.model_cfg,
-                                                                             run_.mesh))
+        params = checkpoint.load_params(final_dir, run_.sampler.param_shardings)
         _export(run_, stage, params)
         continue
       params = _init_evaluated(run_, params, results)
