@@ -109,10 +109,12 @@ def test_preset_dry_run_on_the_real_configs(name, tpu, tmp_path):
   assert any("500 rows read" in l and "all 500 rows fit" in l for l in data_lines), data_lines
 
 
-def test_the_run_builds_what_the_dry_run_planned(tmp_path):
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_run_builds_what_the_dry_run_planned(name, tmp_path):
   """With init_from set, the preset's dtype / param_dtype / remat / LoRA apply to the loaded
-  model (a stand-in checkpoint: Qwen3-1.7B's config.json shrunk, random bf16 weights)."""
-  with open(real_files.CONFIGS["1p7b"]) as f:
+  model (a stand-in checkpoint: the preset's real config.json shrunk, random bf16 weights)."""
+  path, size = PRESETS[name]
+  with open(real_files.CONFIGS[size]) as f:
     real = json.load(f)
   small = dict(real, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -127,13 +129,13 @@ def test_the_run_builds_what_the_dry_run_planned(tmp_path):
   _write_rows(real_files.data_file("gsm8k_train.jsonl"), train, 8)
   test = tmp_path / "math500.jsonl"
   _write_rows(real_files.data_file("math500_test.jsonl"), test, 4)
-  cfg = _preset(PAPER_A, init_from=str(ckpt), **{"data.train_path": str(train)})
+  cfg = _preset(path, init_from=str(ckpt), **{"data.train_path": str(train)})
   cfg.eval.sets = {"math500": dict(path=str(test), num_problems=-1, samples_per_problem=-1)}
   cfg.lora.rank = 4
   cfg = experiment.validate(cfg)
   run = pipeline.setup(cfg, str(tmp_path / "work"))
   try:
-    proc, _ = helpers.run(PAPER_A, tmp_path / "dry", "--dry_run", f"--config.init_from={ckpt}",
+    proc, _ = helpers.run(path, tmp_path / "dry", "--dry_run", f"--config.init_from={ckpt}",
                           f"--config.data.train_path={train}",
                           f"--config.eval.sets.math500.path={test}",
                           "--config.eval.sets.aime24.path=" + str(test),
@@ -150,7 +152,8 @@ def test_the_run_builds_what_the_dry_run_planned(tmp_path):
     assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
     # What a stage trains: the run's config with the lora section on top, as the plan has it.
     trained = lora.with_config(m, cfg.lora)
-    assert (trained.lora_rank, trained.lora_alpha) == (4, 128.0)
+    assert (trained.lora_rank, trained.lora_alpha) == (4, cfg.lora.alpha)
+    assert trained.tie_embeddings == (size == "1p7b")
   finally:
     run.grader.close()
     run.logger.close()
