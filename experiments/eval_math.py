@@ -16,6 +16,7 @@ Defaults follow Qwen3's thinking evaluation convention (T 0.6 / top-p 0.95 / top
 16,384-token budget (Qwen3 recommends 32,768), avg@8 on MATH500 and avg@16 on AIME; a set left
 without a path is an error, so drop it with e.g. `--config.eval.sets=...` in your own file.
 """
+from experiments import math_benchmarks
 from opsd_jax import config as config_lib
 
 
@@ -31,8 +32,5 @@ def get_config():
   c.sampling.update(dict(prompt_buckets=(256, 512, 1024, 2048), continuous_batching=True))
   c.eval.update(dict(num_problems=500, samples_per_problem=8, temperature=0.6, top_p=0.95,
                      top_k=20, max_new_tokens=16_384, batch_size=256, thinking="on"))
-  c.eval.sets = dict(
-      math500=dict(path="/path/to/math500.jsonl", num_problems=-1, samples_per_problem=-1),
-      aime24=dict(path="/path/to/aime24.jsonl", num_problems=-1, samples_per_problem=16),
-      aime25=dict(path="/path/to/aime25.jsonl", num_problems=-1, samples_per_problem=16))
+  c.eval.sets = math_benchmarks.sets()
   return c

@@ -31,6 +31,7 @@ are used; `--dry_run` needs only its config.json and tokenizer files.
 | evaluation | MATH500, AIME24, AIME25, avg@8 (AIME avg@16), T 0.6 / 0.95 / 20, 8,192 new tokens, thinking off | chosen (the student's mode; Qwen3 sampling convention) |
 | warmup, Adam b2, reduction | 0, 0.999, token mean | chosen |
 """
+from experiments import math_benchmarks
 from opsd_jax import config as config_lib
 
 
@@ -55,10 +56,7 @@ def get_config():
                      checkpoint_every=10))
   c.eval.update(dict(num_problems=500, samples_per_problem=8, temperature=0.6, top_p=0.95,
                      top_k=20, max_new_tokens=8192, batch_size=256, thinking="student"))
-  c.eval.sets = dict(
-      math500=dict(path="/path/to/math500.jsonl", num_problems=-1, samples_per_problem=-1),
-      aime24=dict(path="/path/to/aime24.jsonl", num_problems=-1, samples_per_problem=16),
-      aime25=dict(path="/path/to/aime25.jsonl", num_problems=-1, samples_per_problem=16))
+  c.eval.sets = math_benchmarks.sets()
   c.export.hf = True
   c.loss_chunk = 256
   return c

@@ -39,6 +39,7 @@ docs/method.md says which of the paper's figures are second-hand):
 | training data | MATH train (problems with reference solutions) | chosen |
 | parameters | full fine-tuning, bf16 with float32 Adam state and master weights | chosen |
 """
+from experiments import math_benchmarks
 from opsd_jax import config as config_lib
 
 
@@ -61,10 +62,7 @@ def get_config():
                      student_thinking=True, teacher_thinking=True, checkpoint_every=10))
   c.eval.update(dict(num_problems=500, samples_per_problem=8, temperature=0.6, top_p=0.95,
                      top_k=20, max_new_tokens=16_384, batch_size=256, thinking="student"))
-  c.eval.sets = dict(
-      math500=dict(path="/path/to/math500.jsonl", num_problems=-1, samples_per_problem=-1),
-      aime24=dict(path="/path/to/aime24.jsonl", num_problems=-1, samples_per_problem=16),
-      aime25=dict(path="/path/to/aime25.jsonl", num_problems=-1, samples_per_problem=16))
+  c.eval.sets = math_benchmarks.sets()
   c.grid.update(dict(rollout_filters=("correct_only", "incorrect_only"), divergences=("rkl",),
                      seeds=(0,)))
   c.export.hf = True
