@@ -74,7 +74,5 @@ def fit(name, rows, tok, template, *, student_modes, prompt_limit, teacher=None)
 
 def teacher_text(template, row, o) -> str:
   """The teacher's prompt text of one row, as OPSD renders it (train/opsd.py)."""
-  return prompts_lib.teacher_text(
-      template, row["question"], row["reference"], context=o.teacher_context,
-      answer=row["answer"], thinking=o.teacher_thinking, completion_thinking=o.student_thinking,
-      thought=o.teacher_thought)
+  return prompts_lib.teacher_text(template, row["question"], row["reference"],
+                                  answer=row["answer"], **prompts_lib.teacher_settings(o))

@@ -128,3 +128,11 @@ def teacher(tok: Tokenizer, template: ChatTemplate, question: str, reference: st
                            f"thought, but the tokenizer has no {' / '.join(missing)} token")
   return tok.encode(teacher_text(template, question, reference, context, answer, thinking,
                                  completion_thinking, thought))
+
+
+def teacher_settings(opsd_cfg) -> dict:
+  """`teacher` / `teacher_text` keyword arguments from the experiment's opsd section: the
+  context, the teacher's thinking mode, the student's (the completion's) and the closed thought."""
+  o = opsd_cfg
+  return dict(context=o.teacher_context, thinking=o.teacher_thinking,
+              completion_thinking=o.student_thinking, thought=o.teacher_thought)

@@ -16,12 +16,10 @@ from opsd_jax.train import loop, steps
 def teacher_prompts(run, problems, rows) -> list[list[int]]:
   """The teacher's prompt ids in its own thinking mode; a thinking-on teacher of a thinking-off
   student ends with opsd.teacher_thought, closed (prompts.py's module doc)."""
-  o = run.cfg.opsd
+  settings = prompts_lib.teacher_settings(run.cfg.opsd)
   return [prompts_lib.teacher(run.tok, run.template, problems[i]["question"],
-                              problems[i]["reference"], context=o.teacher_context,
-                              answer=problems[i]["answer"], thinking=o.teacher_thinking,
-                              completion_thinking=o.student_thinking,
-                              thought=o.teacher_thought) for i in rows]
+                              problems[i]["reference"], answer=problems[i]["answer"], **settings)
+          for i in rows]
 
 
 def train(run, params):
