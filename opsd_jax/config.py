@@ -187,7 +187,8 @@ def default_config() -> ml_collections.ConfigDict:
       on_bad_row="error",  # error | skip (skipped rows are counted)
       num_train=20000,
       num_test=500,
-      difficulty=1,
+      difficulty=1,        # toy arithmetic family only (data/toy.py DIFFICULTIES)
+      family="arithmetic",  # toy: arithmetic (data/toy.py) | strategy (data/toy_strategy.py)
   ))
   # Which key of a row holds the problem, the reference solution and the answer, for a layout
   # the loader does not know ("" = detect the layout from the row's keys).

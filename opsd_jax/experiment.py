@@ -23,6 +23,7 @@ CHOICES = {
     "tokenizer.kind": tokenizer.KINDS,
     "tokenizer.chat_template": tokenizer.TEMPLATES,
     "data.kind": data.KINDS,
+    "data.family": data.TOY_FAMILIES,
     "data.format": data.FORMATS,
     "data.on_bad_row": data.ON_BAD_ROW,
     "eval.thinking": benchmarks.THINKING,

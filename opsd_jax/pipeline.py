@@ -116,9 +116,12 @@ def _read_rows(cfg, path, what, require_reference):
 def load_data(cfg, workdir):
   """(train rows, {benchmark: rows}, tokenizer, {set: load counts})."""
   if cfg.data.kind == "toy":
-    from opsd_jax.data import toy
-    train, test = toy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test,
-                                  cfg.data.difficulty)
+    from opsd_jax.data import toy, toy_strategy
+    if cfg.data.family == "strategy":
+      train, test = toy_strategy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test)
+    else:
+      train, test = toy.make_splits(cfg.seed, cfg.data.num_train, cfg.data.num_test,
+                                    cfg.data.difficulty)
     # Multi-host: process 0 trains the tokenizer into the workdir, the others then load it.
     if not parallel.is_primary():
       parallel.sync("toy_tokenizer")

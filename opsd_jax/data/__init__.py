@@ -13,6 +13,7 @@ from opsd_jax.data.pipeline import Batches, decode_record, record_batches, sft_b
 
 # data.kind: the toy task generated on the spot, or files (any that `load` reads).
 KINDS = ("toy", "jsonl")
+TOY_FAMILIES = ("arithmetic", "strategy")  # data/toy.py, data/toy_strategy.py
 
 __all__ = ["Batches", "DataError", "FORMATS", "KINDS", "LAYOUTS", "LoadReport", "ON_BAD_ROW",
-           "decode_record", "load", "record_batches", "sft_batches"]
+           "TOY_FAMILIES", "decode_record", "load", "record_batches", "sft_batches"]
