@@ -217,7 +217,11 @@ def default_config() -> ml_collections.ConfigDict:
       advantage_scale="group",        # group | batch | none
       aggregation="token_mean",       # token_mean | seq_mean_token_mean | constant
       eps_low=0.2, eps_high=0.2, kl_beta=0.0,
-      dynamic_sampling=True, mask_truncated=False,
+      # off | mask | refill (DAPO): groups whose rewards are all equal (no gradient) are
+      # trained, masked, or dropped and replaced by groups of further prompts, sampled in at most
+      # max_refill_rounds extra rounds (DAPO's max_num_gen_batches; rl.DYNAMIC_SAMPLING)
+      dynamic_sampling="refill", max_refill_rounds=4,
+      mask_truncated=False,
       format_reward=0.0, overlong_penalty=0.0, overlong_buffer=0,
       learning_rate=-1.0, warmup_steps=-1, eval_every=0, checkpoint_every=0))
 

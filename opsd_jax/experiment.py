@@ -32,6 +32,7 @@ CHOICES = {
     "optimizer.state_dtype": optim.STATE_DTYPES,
     "rlvr.advantage_scale": rl.ADVANTAGE_SCALES,
     "rlvr.aggregation": losses.AGGREGATIONS,
+    "rlvr.dynamic_sampling": rl.DYNAMIC_SAMPLING,
     "opsd.teacher": steps.TEACHERS,
     "opsd.teacher_context": prompts.CONTEXTS,
     "opsd.divergence": losses.DIVERGENCES,
@@ -46,7 +47,8 @@ _POSITIVE = ("sft.batch_size", "sft.micro_batches", "sft.seq_len", "rlvr.prompts
              "opsd.prompts_per_step", "opsd.rollouts_per_prompt", "opsd.mini_batches",
              "sampling.max_new_tokens", "eval.batch_size", "eval.max_new_tokens",
              "eval.samples_per_problem", "loss_chunk")
-_NON_NEGATIVE = ("sft.steps", "rlvr.steps", "opsd.steps", "seed", "log_every")
+_NON_NEGATIVE = ("sft.steps", "rlvr.steps", "opsd.steps", "seed", "log_every",
+                 "rlvr.max_refill_rounds")
 
 
 def _get(cfg, dotted):
@@ -64,6 +66,7 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   The mesh is checked against `num_devices` (default: jax.device_count(); check_devices=False
   skips it, e.g. when validating on a machine other than the one that will run).
   """
+  _check_choice_types(cfg)
   config.check_keys(cfg, reference)
   _check_choices(cfg)
   _check_grid(cfg)
@@ -85,11 +88,32 @@ def validate(cfg: ml_collections.ConfigDict, *, reference: ml_collections.Config
   return cfg
 
 
+# Choices that were bools once: an old config's True / False is told what it meant.
+_WAS_BOOL = {"rlvr.dynamic_sampling": "it was a bool: True meant 'mask', False 'off'"}
+
+
+def _choice_error(key, value) -> ConfigError:
+  hint = f" ({_WAS_BOOL[key]})" if key in _WAS_BOOL and str(value) in ("True", "False") else ""
+  return ConfigError(f"{key} must be one of {CHOICES[key]}, got {value!r}{hint}")
+
+
+def _check_choice_types(cfg):
+  """Before check_keys' type check: a choice that is not a string (True left in an old config)
+  is named with its choices, not only with its type."""
+  for key in CHOICES:
+    try:
+      value = _get(cfg, key)
+    except (KeyError, AttributeError, TypeError):
+      continue  # a missing key or section: check_keys names it
+    if not isinstance(value, str):
+      raise _choice_error(key, value)
+
+
 def _check_choices(cfg):
   for key, choices in CHOICES.items():
     value = _get(cfg, key)
     if value not in choices:
-      raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+      raise _choice_error(key, value)
   for key, field in (("grid.rollout_filters", "opsd.rollout_filter"),
                      ("grid.divergences", "opsd.divergence")):
     for value in _get(cfg, key):

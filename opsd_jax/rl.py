@@ -9,6 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
+# rlvr.dynamic_sampling: "off" trains every group; "mask" zeroes the trained tokens of groups whose
+# rewards are all equal; "refill" (DAPO) drops them and samples further prompts until the batch
+# holds prompts_per_step groups with mixed rewards (select_informative, refill_indices).
+DYNAMIC_SAMPLING = ("off", "mask", "refill")
 
 
 def rewards(correct_N, answered_N, lengths_N, *, max_len: int, format_reward: float = 0.0,
@@ -59,6 +63,35 @@ def dynamic_sampling_mask(rewards_PG):
   r = jnp.asarray(rewards_PG, jnp.float32)
   keep = jnp.max(r, axis=-1) > jnp.min(r, axis=-1)
   return keep, 1.0 - jnp.mean(keep.astype(jnp.float32))
+
+
+def select_informative(informative_rounds, num_groups: int) -> tuple[np.ndarray, int]:
+  """DAPO's batch from rounds of sampled groups: the first `num_groups` informative groups (mixed
+  rewards) in sampling order, the surplus of the last round dropped.
+
+  informative_rounds: one bool [P_r] per sampling round (dynamic_sampling_mask's keep). Returns
+  (groups int [num_groups], shortfall): groups indexes the groups of all rounds concatenated in
+  order; where fewer than num_groups were informative (the refill cap was hit), the last
+  `shortfall` slots hold uninformative groups, the earliest sampled, for the caller to mask, so
+  the batch keeps its shape.
+  """
+  flags = np.concatenate([np.asarray(k, bool).reshape(-1) for k in informative_rounds])
+  good = np.flatnonzero(flags)[:num_groups]
+  shortfall = num_groups - len(good)
+  filler = np.flatnonzero(~flags)[:shortfall]
+  if len(filler) < shortfall:
+    raise ValueError(f"select_informative: {len(flags)} groups sampled, {num_groups} needed")
+  return np.concatenate([good, filler]).astype(np.int64), int(shortfall)
+
+
+def refill_indices(num_records: int, count: int, *, seed: int, step: int, round_: int
+                   ) -> np.ndarray:
+  """Record indices of refill round `round_` (>= 1) of `step`: `count` distinct records (with
+  replacement only if there are fewer), a pure function of (seed, step, round_). The stage's
+  prompt iterator, whose position a checkpoint saves, is never touched, so a resumed run draws
+  the same refill prompts."""
+  rng = np.random.default_rng((seed, step, round_))
+  return rng.choice(num_records, size=count, replace=count > num_records)
 
 
 def overlong_penalty(lengths_N, max_len: int, buffer: int, coef: float):
