@@ -59,7 +59,7 @@ def test_answers_and_wrong_plans_against_an_independent_solver(splits):
     assert ref[0][1] == "*" and ref[-1][3] == p["answer"]
     assert p["misread_answers"] and p["answer"] not in p["misread_answers"]
     values = [int(c) for *_, c in steps_of(p["trace"] + " " + p["short_trace"])]
-    assert all(0 <= v <= 99 for v in values)
+    assert all(0 <= v <= 40 for v in values)
 
 
 def test_each_trace_is_the_kind_it_says(splits):

@@ -5,7 +5,9 @@ additions and subtractions left to right. The concise reference (the teacher's p
 context) is that plan's steps, "4 * 5 = 20. 3 + 20 = 23. 23 - 2 = 21." Operands are 1..9, every
 problem has at least one multiplication placed so that reading left to right gives another
 answer, and every intermediate value of the right plan, the left-to-right plan and the misread
-plans stays in 0..99 (no minus signs in traces).
+plans stays in 0..40: no minus signs in traces, and small values keep the arithmetic learnable,
+so the errors left are mostly the plan's (at 0..99 a 1M-parameter model got 37 % of its answers
+wrong by arithmetic alone after SFT). That leaves 9,880 distinct problems.
 
 In the arithmetic family (toy.py) a wrong trace is the right procedure with one slipped digit.
 Here the SFT traces contain whole wrong strategies, drawn per trace:
@@ -59,7 +61,7 @@ class StrategyStyle:
   short_wrong_order: float = 0.30
   short_misread: float = 0.10
   max_rechecks: int = 3
-  max_value: int = 99
+  max_value: int = 40
 
   def __post_init__(self):
     for on, off in ((self.dead_end + self.wrong_order + self.misread, "thinking on"),
