@@ -86,7 +86,7 @@ def _evaluate_set(run, params, label, set_index, name, problems, thinking):
   settings = dict(num_problems=len(problems), samples=samples, temperature=e.temperature,
                   top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
                   thinking=thinking, answer_after_think=e.answer_after_think)
-  path = os.path.join(run.workdir, "eval", _safe(label), f"{_safe(name)}.jsonl")
+  path = eval_path(run.workdir, label, name)
   chunk = max(1, e.batch_size // samples)
   chunks = [list(range(s, min(s + chunk, len(problems)))) for s in range(0, len(problems), chunk)]
   done = parallel.broadcast_object(_read_chunks(path, settings) if parallel.is_primary() else None)
@@ -104,13 +104,46 @@ def _evaluate_set(run, params, label, set_index, name, problems, thinking):
                    truncated=ro.truncated.tolist(), answers=list(ro.extracted), texts=ro.texts)
     if parallel.is_primary():
       _append(path, settings, done[c])
-  rows = [done[c] for c in range(len(chunks))]
-  flat = {k: [v for r in rows for v in r[k]] for k in ("problem_ids", "correct", "lengths",
-                                                       "truncated", "answers", "texts")}
+  flat = _flatten([done[c] for c in range(len(chunks))])
   result = evaluate.summarize(flat["problem_ids"], flat["correct"], flat["lengths"],
                               flat["truncated"], flat["texts"], answers=flat["answers"])
   result["settings"] = settings
   return result
+
+
+def eval_path(workdir, label: str, set_name: str) -> str:
+  """Where evaluate_params(label) writes the graded samples of one benchmark."""
+  return os.path.join(workdir, "eval", _safe(label), f"{_safe(set_name)}.jsonl")
+
+
+_SAMPLE_KEYS = ("problem_ids", "correct", "lengths", "truncated", "answers", "texts")
+
+
+def _flatten(chunks) -> dict[str, list]:
+  return {k: [v for r in chunks for v in r[k]] for k in _SAMPLE_KEYS}
+
+
+def read_samples(workdir, label: str, set_name: str) -> dict[str, Any] | None:
+  """Every graded sample of an evaluation's benchmark, read back from its file: the per-sample
+  lists of _SAMPLE_KEYS and its `settings`; None when there is no file. Read only (a torn last
+  line is left out), unlike the resume, which rewrites the file."""
+  path = eval_path(workdir, label, set_name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  try:
+    settings = json.loads(lines[0])["settings"]
+  except (IndexError, KeyError, json.JSONDecodeError):
+    return None  # a torn header: nothing finished
+  chunks = {}
+  for line in lines[1:]:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      break
+    chunks[row["chunk"]] = row
+  return dict(_flatten([chunks[c] for c in sorted(chunks)]), settings=settings)
 
 
 def _read_chunks(path, settings) -> dict[int, dict]:
