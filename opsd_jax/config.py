@@ -267,12 +267,18 @@ def default_config() -> ml_collections.ConfigDict:
   # Local copies of remote (gs://, ...) init_from / tokenizer / data paths; "" = ~/.cache/opsd_jax.
   c.cache_dir = ""
 
-  # The paper's grid (experiments/toy_paper_grid.py): after the stages, one OPSD branch per
-  # (rollout filter, divergence, seed), each from the last stage's parameters. Empty = no grid.
-  # thinking_off_arms: extra "rollout_filter/divergence" arms (same seeds) with a thinking-off
-  # student and a thinking-on teacher (Paper A), evaluated with thinking off.
+  # The paper's grid (experiments/toy_paper_grid.py, opsd_jax/grid.py): after the stages, one
+  # OPSD branch per (rollout filter, divergence arm, seed), each from the last stage's
+  # parameters. Empty = no grid. divergences name arms (grid.ARMS: rkl | fkl | fkl_tau |
+  # rkl_sampled); fkl_tau clips each pointwise summand at tau.
+  # thinking_off_arms: extra "rollout_filter/arm" arms (same seeds) with a thinking-off student
+  # and a thinking-on teacher (Paper A), evaluated with thinking off.
+  # long_horizon_arms: "rollout_filter/arm" arms run for opsd.steps x long_horizon_factor steps
+  # on long_horizon_seeds (empty: grid.seeds).
   c.grid = ml_collections.ConfigDict(dict(rollout_filters=(), divergences=(), seeds=(),
-                                          thinking_off_arms=()))
+                                          thinking_off_arms=(), tau=0.05,
+                                          long_horizon_arms=(), long_horizon_factor=5,
+                                          long_horizon_seeds=()))
 
   # --dry_run's memory plan (opsd_jax/memory.py): a TPU slice such as "v5p-8" or "v5e-16" (its
   # chips are the plan's devices, fsdp=-1 takes all of them); "" = this machine's devices.

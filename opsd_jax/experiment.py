@@ -12,7 +12,8 @@ import os
 
 import ml_collections
 
-from opsd_jax import benchmarks, config, data, losses, memory, parallel, prompts, rl, tokenizer
+from opsd_jax import benchmarks, config, data, grid, losses, memory, parallel, prompts, rl
+from opsd_jax import tokenizer
 from opsd_jax.config import ConfigError
 from opsd_jax.train import loop, optim, steps
 
@@ -114,27 +115,35 @@ def _check_choices(cfg):
     value = _get(cfg, key)
     if value not in choices:
       raise _choice_error(key, value)
-  for key, field in (("grid.rollout_filters", "opsd.rollout_filter"),
-                     ("grid.divergences", "opsd.divergence")):
-    for value in _get(cfg, key):
-      if value not in CHOICES[field]:
-        raise ConfigError(f"{key}: {value!r} is not one of {CHOICES[field]}")
 
 
 def _check_grid(cfg):
+  """Filters are opsd's, divergences name grid.ARMS (the opsd settings of each arm), the extra
+  arms are 'rollout_filter/arm'; the grid's three lists are all set or all empty."""
   g = cfg.grid
-  for arm in g.thinking_off_arms:
-    rollout_filter, _, divergence = str(arm).partition("/")
-    if (rollout_filter not in CHOICES["opsd.rollout_filter"]
-        or divergence not in CHOICES["opsd.divergence"]):
-      raise ConfigError(f"grid.thinking_off_arms: {arm!r} is not 'rollout_filter/divergence' "
-                        f"with a filter in {CHOICES['opsd.rollout_filter']} and a divergence "
-                        f"in {CHOICES['opsd.divergence']}")
-  if g.thinking_off_arms and not g.seeds:
-    raise ConfigError("grid.thinking_off_arms needs grid.seeds")
+  filters, arms = CHOICES["opsd.rollout_filter"], tuple(grid.ARMS)
+  for value in g.rollout_filters:
+    if value not in filters:
+      raise ConfigError(f"grid.rollout_filters: {value!r} is not one of {filters}")
+  for value in g.divergences:
+    if value not in arms:
+      raise ConfigError(f"grid.divergences: {value!r} is not one of the arms {arms}")
+  for key in ("thinking_off_arms", "long_horizon_arms"):
+    for entry in g[key]:
+      rollout_filter, divergence = grid.parse_arm(entry)
+      if rollout_filter not in filters or divergence not in arms:
+        raise ConfigError(f"grid.{key}: {entry!r} is not 'rollout_filter/arm' with a filter in "
+                          f"{filters} and an arm in {arms}")
+    if g[key] and not g.seeds:
+      raise ConfigError(f"grid.{key} needs grid.seeds")
   if bool(g.rollout_filters) != bool(g.divergences) or bool(g.rollout_filters) != bool(g.seeds):
     raise ConfigError("grid.rollout_filters, grid.divergences and grid.seeds must be all set "
                       "or all empty")
+  if g.tau <= 0:
+    raise ConfigError(f"grid.tau (fkl_tau's pointwise clip) must be > 0, got {g.tau}")
+  if g.long_horizon_arms and g.long_horizon_factor < 2:
+    raise ConfigError(f"grid.long_horizon_factor must be >= 2 (a 1x arm is a grid arm), got "
+                      f"{g.long_horizon_factor}")
 
 
 def _check_numbers(cfg):

@@ -280,6 +280,7 @@ def run(cfg, workdir):
         results_lib.say(f"{stage}: already done, loading its final parameters")
         params = checkpoint.load_params(final_dir, run_.sampler.param_shardings)
         _export(run_, stage, params)
+        grid.after_stage(run_, stage, params, results)
         continue
       params = _init_evaluated(run_, params, results)
       t0 = time.time()
@@ -290,6 +291,7 @@ def run(cfg, workdir):
       results[stage]["train_seconds"] = round(time.time() - t0, 1)
       results_lib.save(run_.workdir, results)
       results_lib.print_eval(stage, results[stage])
+      grid.after_stage(run_, stage, params, results)
     if parallel.is_primary():
       results_lib.report(run_, results)
     if cfg.grid.rollout_filters:  # OPSD branches from the last stage's parameters
@@ -374,16 +376,20 @@ def plan(cfg, workdir) -> str:
   lines.extend(memory.format_plan(plans, mesh_shape, tpu))
   g = cfg.grid
   if g.rollout_filters:
-    n = len(grid.branches(g))  # split_direction runs once per seed
+    todo = grid.branches(g)  # split_direction runs once per seed
+    long = [b for b in todo if b.horizon > 1]
     if "opsd" in cfg.stages:
       branch_plan = "each branch plans as stage opsd above"
     else:
       total = memory.plan_stage(cfg, model_cfg, "opsd", mesh_shape).total
       branch_plan = f"memory per device ~{_gib(total)} GiB" + (
           f", fits {tpu.name}: {memory.fits(total, tpu)}" if tpu else "")
-    lines.append(f"grid: {n} OPSD branches of {cfg.opsd.steps} steps from the last stage "
-                 f"(filters {list(g.rollout_filters)} x divergences {list(g.divergences)}, "
-                 f"thinking-off arms {list(g.thinking_off_arms)}, x seeds {list(g.seeds)}); "
+    lines.append(f"grid: {len(todo)} OPSD branches from the last stage: {len(todo) - len(long)} "
+                 f"of {cfg.opsd.steps} steps (filters {list(g.rollout_filters)} x divergences "
+                 f"{list(g.divergences)}, thinking-off arms {list(g.thinking_off_arms)}, x seeds "
+                 f"{list(g.seeds)}) and {len(long)} long-horizon of "
+                 f"{cfg.opsd.steps * g.long_horizon_factor} steps (arms "
+                 f"{list(g.long_horizon_arms)} x seeds {list(grid.long_horizon_seeds(g))}); "
                  + branch_plan)
   return "\n".join(lines)
 
