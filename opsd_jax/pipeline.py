@@ -384,13 +384,13 @@ def plan(cfg, workdir) -> str:
       total = memory.plan_stage(cfg, model_cfg, "opsd", mesh_shape).total
       branch_plan = f"memory per device ~{_gib(total)} GiB" + (
           f", fits {tpu.name}: {memory.fits(total, tpu)}" if tpu else "")
+    long_plan = (f" and {len(long)} long-horizon of {cfg.opsd.steps * g.long_horizon_factor} "
+                 f"steps (arms {list(g.long_horizon_arms)} x seeds "
+                 f"{list(grid.long_horizon_seeds(g))})" if long else "")
     lines.append(f"grid: {len(todo)} OPSD branches from the last stage: {len(todo) - len(long)} "
                  f"of {cfg.opsd.steps} steps (filters {list(g.rollout_filters)} x divergences "
                  f"{list(g.divergences)}, thinking-off arms {list(g.thinking_off_arms)}, x seeds "
-                 f"{list(g.seeds)}) and {len(long)} long-horizon of "
-                 f"{cfg.opsd.steps * g.long_horizon_factor} steps (arms "
-                 f"{list(g.long_horizon_arms)} x seeds {list(grid.long_horizon_seeds(g))}); "
-                 + branch_plan)
+                 f"{list(g.seeds)}){long_plan}; " + branch_plan)
   return "\n".join(lines)
 
 

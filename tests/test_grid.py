@@ -363,6 +363,17 @@ def _branch_cfg(branches, name, grid_cfg=None, clip=-1.0):
   return grid._branch_config(base, next(b for b in branches if b.name == name))
 
 
+def test_plan_counts_every_branch(tmp_path):
+  cfg = _paper_grid_config()
+  cfg.mesh.data = -1  # conftest fakes 8 CPU devices
+  plan = pipeline.plan(cfg, str(tmp_path / "dry"))
+  line = next(l for l in plan.splitlines() if l.startswith("grid:"))
+  # 5 seeds x (3 filters x 4 arms + split_direction + 1 thinking-off arm), 3 long-horizon
+  assert len(grid.branches(cfg.grid)) == 5 * (3 * 4 + 1 + 1) + 3 == 73
+  assert line.startswith("grid: 73 OPSD branches from the last stage: 70 of 40 steps"), line
+  assert "3 long-horizon of 200 steps (arms ['correct_only/rkl'] x seeds [0, 1, 2])" in line
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   cfg = _paper_grid_config()
