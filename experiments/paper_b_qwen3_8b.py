@@ -28,7 +28,7 @@ docs/method.md says which of the paper's figures are second-hand):
 | model | Qwen3-8B, thinking on for student, teacher and evaluation | paper |
 | teacher | frozen snapshot of the starting checkpoint | paper |
 | teacher context | problem + full reference solution (Paper A's template) | paper |
-| divergence | reverse KL as the paper writes it: the sampled-token advantage log p_T - log p_S (`estimator=sampled`); full-vocabulary rkl: `--config.opsd.estimator=full` | paper (second-hand) |
+| divergence | reverse KL as the paper writes it: the sampled-token advantage log p_T - log p_S (`estimator=sampled`; the grid's arm `rkl_sampled`); full-vocabulary rkl: `--config.opsd.estimator=full` (grid arm `rkl`) | paper (second-hand) |
 | arms | correct-only, incorrect-only | paper |
 | evaluation | MATH500, AIME24, AIME25; avg@8 (AIME avg@16), T 0.6 / top-p 0.95 / top-k 20 | paper (second-hand) / Qwen3 convention |
 | evaluation budget | 16,384 new tokens | chosen (Qwen3 recommends 32,768) |
@@ -63,8 +63,8 @@ def get_config():
   c.eval.update(dict(num_problems=500, samples_per_problem=8, temperature=0.6, top_p=0.95,
                      top_k=20, max_new_tokens=16_384, batch_size=256, thinking="student"))
   c.eval.sets = math_benchmarks.sets()
-  c.grid.update(dict(rollout_filters=("correct_only", "incorrect_only"), divergences=("rkl",),
-                     seeds=(0,)))
+  c.grid.update(dict(rollout_filters=("correct_only", "incorrect_only"),
+                     divergences=("rkl_sampled",), seeds=(0,)))
   c.export.hf = True
   c.loss_chunk = 256
   return c
