@@ -92,7 +92,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    message = str(e)
+    message = _short(str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: a key the experiment does not have
     missing = str(e).split("\n")[0].strip("\"' ")
     given = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")
@@ -100,6 +100,19 @@ def parse_flags(argv):
     message = f"{given[0] if given else missing}: no such config key ({missing!r})"
   print(f"config error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _short(message: str) -> str:
+  """An error raised inside the experiment file reaches absl as the whole traceback: keep its
+  first and last lines (the file, the exception), and say what an old value of a key whose type
+  changed meant."""
+  lines = [line for line in message.splitlines() if line.strip()]
+  if len(lines) > 2 and "Traceback" in message:
+    message = f"{lines[0].rstrip(':')}: {lines[-1]}"
+  if "'dynamic_sampling'" in message and "bool" in message:
+    message += (" (rlvr.dynamic_sampling is now one of 'off', 'mask', 'refill': True meant "
+                "'mask', False 'off')")
+  return message
 
 
 if __name__ == "__main__":

@@ -329,6 +329,10 @@ def plan_stage(cfg, model_cfg, stage: str, mesh_shape, optimizer=None) -> StageP
     shape = (f"{c.prompts_per_step} prompts x {per_prompt} = {sample_rows} rollouts, "
              f"{c.mini_batches} mini-batches, sequences <= {prompt_len} + {s.max_new_tokens} "
              "tokens")
+    if stage == "rlvr" and c.dynamic_sampling == "refill" and c.max_refill_rounds:
+      # Refill rounds sample again at the same shapes: more time per step, no more memory.
+      shape += (f"; refill: up to {c.max_refill_rounds} more sampling rounds per step "
+                f"(<= {(1 + c.max_refill_rounds) * sample_rows} rollouts)")
   local_rows = -(-rows // dp)
   loss_fn, extra, batch = stage_loss(cfg, model_cfg, stage, local_rows, prompt_len, seq)
   abstract = jax.eval_shape(functools.partial(model.init, model_cfg), jax.random.key(0))

@@ -165,3 +165,18 @@ def test_bad_override_exits_nonzero_with_one_line(override, key, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and key in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_error_inside_an_experiment_file_is_one_line_naming_it(tmp_path):
+  """An experiment file written for an older schema (dynamic_sampling was a bool) fails while
+  it loads, inside ml_collections: one line naming the file and the key, with what it meant."""
+  old = tmp_path / "old_experiment.py"
+  old.write_text("from opsd_jax import config as config_lib\n\n\ndef get_config():\n"
+                 "  c = config_lib.default_config()\n"
+                 "  c.rlvr.update(dict(dynamic_sampling=True))\n  return c\n")
+  proc, _ = _run(str(old), tmp_path / "w", "--dry_run", timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert str(old) in lines[0] and "'dynamic_sampling'" in lines[0]
+  assert "True meant 'mask'" in lines[0]
