@@ -1,5 +1,6 @@
 """The strategy toy family, checked by re-deriving every trace's kind from its text with an
 independent solver (Python's own operator precedence)."""
+import json
 import operator
 import re
 
@@ -111,3 +112,34 @@ def test_toy_stats_reports_the_kind_shares():
   assert result["trace_kinds_thinking_off"]["dead_end"] == 0.0
   assert abs(sum(on.values()) - 1.0) < 1e-9
   assert result["right_answer_thinking_off"] == sum(p["short_trace_correct"] for p in train) / 400
+
+
+def test_error_kinds_of_a_run_classify_each_evaluation(tmp_path):
+  """A run's evaluations (a stage and two seeds of a grid arm) read back from their sample files
+  and classified; the test problems regenerated from the run's config.json."""
+  from opsd_jax import benchmarks, error_kinds
+  _, test = toy_strategy.make_splits(0, 50, 8)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"seed": 0, "data": {"family": "strategy", "num_train": 50, "num_test": 8}}))
+  right = [p["answer"] for p in test]
+  answers = {"rlvr": right[:4] + [test[4]["wrong_order_answer"], test[5]["misread_answers"][0],
+                                  "999", None],
+             "b0": [test[i]["wrong_order_answer"] for i in range(8)],
+             "b1": right}
+  results = {"rlvr": {"label": "rlvr", "benchmarks": {"toy": {}}}, "grid": {}}
+  for name, given in answers.items():
+    workdir = tmp_path if name == "rlvr" else tmp_path / "grid" / name
+    benchmarks._append(benchmarks.eval_path(workdir, name, "toy"), {"n": 8},
+                       dict(chunk=0, problem_ids=list(range(8)), answers=given,
+                            correct=[a == r for a, r in zip(given, right)], lengths=[1] * 8,
+                            truncated=[False] * 8, texts=[""] * 8))
+    if name != "rlvr":
+      results["grid"][name] = {"label": name, "benchmarks": {"toy": {}}, "seed": int(name[1]),
+                               "rollout_filter": "incorrect_only", "divergence": "rkl"}
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  rows = {r["evaluation"]: r for r in error_kinds.table(str(tmp_path))}
+  assert rows["rlvr (thinking on)"] == dict(evaluation="rlvr (thinking on)", seeds=1, right=0.5,
+                                            wrong_order=0.125, misread=0.125, other=0.125,
+                                            no_answer=0.125)
+  arm = rows["incorrect_only / rkl"]
+  assert arm["seeds"] == 2 and arm["right"] == 0.5 and arm["wrong_order"] == 0.5
