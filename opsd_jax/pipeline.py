@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from opsd_jax import benchmarks, checkpoint, config as config_lib, fit, grid, hf, metrics
+from opsd_jax import benchmarks, checkpoint, config as config_lib, fit, grid, grid_report, hf, metrics
 from opsd_jax import parallel, remote
 from opsd_jax import results as results_lib
 from opsd_jax import rollouts as rollouts_lib
@@ -296,6 +296,7 @@ def run(cfg, workdir):
       results_lib.report(run_, results)
     if cfg.grid.rollout_filters:  # OPSD branches from the last stage's parameters
       grid.run(run_, params, results)
+      grid_report.report(run_.workdir, results)
   finally:
     run_.grader.close()
     run_.logger.close()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opsd_jax import grid, model, parallel, pipeline, prompts, rollouts, stats
+from opsd_jax import grid, grid_report, model, parallel, pipeline, prompts, rollouts, stats
 from pipeline_helpers import REPO, TINY, run
 
 GRID = os.path.join(REPO, "experiments", "toy_paper_grid.py")
@@ -110,14 +110,15 @@ def test_the_problem_draw_is_shared_by_arms_with_any_seed_count():
     ("thinking_off", dict(accuracy_diff_points_ci=(float("nan"), 1)), "not shown"),
 ])
 def test_verdict(claim, row, want):
-  assert grid.verdict(grid.CLAIMS[claim], row) == want
+  assert grid_report.verdict(grid_report.CLAIMS[claim], row) == want
 
 
 def test_claim_of_an_arm():
-  assert grid.claim_key("correct_only", True) == "correct_only"
-  assert grid.claim_key("incorrect_only", True) == "incorrect_only"
-  assert grid.claim_key("correct_only", False) == grid.claim_key("all", False) == "thinking_off"
-  assert grid.claim_key("all", True) is None and grid.claim_key("split_direction", True) is None
+  assert grid_report.claim_key("correct_only", True) == "correct_only"
+  assert grid_report.claim_key("incorrect_only", True) == "incorrect_only"
+  claim_key = grid_report.claim_key
+  assert claim_key("correct_only", False) == claim_key("all", False) == "thinking_off"
+  assert claim_key("all", True) is None and claim_key("split_direction", True) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def _fake_grid(workdir):
 
 def test_report_intervals_claims_and_long_horizon(tmp_path):
   results = _fake_grid(tmp_path)
-  grid.report(str(tmp_path), results, samples=300)
+  grid_report.report(str(tmp_path), results, samples=300)
   summary = json.loads((tmp_path / "grid_summary.json").read_text())
   assert summary["bootstrap"] == dict(samples=300, seed=0, level=0.95,
                                       levels=["seeds", "problems"])
@@ -334,10 +335,10 @@ def test_report_intervals_claims_and_long_horizon(tmp_path):
     assert (tmp_path / png).stat().st_size > 1000
   # the command rewrites the report from the files alone, the same each time (B = 2000)
   (tmp_path / "grid.md").unlink()
-  grid.main([str(tmp_path)])
+  grid_report.main([str(tmp_path)])
   again = (tmp_path / "grid.md").read_text()
   assert "B = 2000 resamples" in again and again.replace("B = 2000", "B = 300") != table
-  grid.main([str(tmp_path)])
+  grid_report.main([str(tmp_path)])
   assert (tmp_path / "grid.md").read_text() == again
 
 
@@ -345,7 +346,7 @@ def test_report_without_sample_files_gives_values_without_intervals(tmp_path):
   import shutil
   results = _fake_grid(tmp_path)
   shutil.rmtree(tmp_path / "grid" / "correct_only-rkl-seed1" / "eval")
-  grid.report(str(tmp_path), results, samples=100)
+  grid_report.report(str(tmp_path), results, samples=100)
   arms = {r["name"]: r for r in json.loads((tmp_path / "grid_summary.json").read_text())["arms"]}
   c = arms["correct_only / rkl"]
   assert c["accuracy_pct_ci"] is None and c["reproduces"] == "not shown"
@@ -402,9 +403,9 @@ def test_thinking_off_rollouts_continue_the_thinking_off_prompt(tiny_run):
   r = tiny_run
   params = parallel.init_params(r.model_cfg, jax.random.key(3), r.mesh)
   problems, steps = r.test[:3], 8
-  ro = rollouts.sample_and_grade(r.sampler, params, problems, num_samples=1, temperature=0.0, top_p=1.0,
-                                 top_k=0, max_new_tokens=steps, rng=jax.random.key(0),
-                                 thinking=False)
+  ro = rollouts.sample_and_grade(r.sampler, params, problems, num_samples=1, temperature=0.0,
+                                 top_p=1.0, top_k=0, max_new_tokens=steps,
+                                 rng=jax.random.key(0), thinking=False)
   eos = r.tok.eos_ids[0]
   forward = jax.jit(lambda ids: model.forward(r.model_cfg, params, ids))
   differs = 0
@@ -483,7 +484,7 @@ def test_grid_branches_share_the_base_and_report(tmp_path):
   for png in ("grid.png", "grid_long_horizon.png"):
     assert (workdir / png).stat().st_size > 1000
   (workdir / "grid.md").unlink()
-  grid.main([str(workdir)])  # the report alone, from results.json and the sample files
+  grid_report.main([str(workdir)])  # the report alone, from results.json and the sample files
   assert (workdir / "grid.md").read_text() == table
   rerun, _ = run(GRID, workdir, *args)  # finished branches and evaluations are skipped
   assert rerun.returncode == 0 and "[grid " not in rerun.stdout and "[eval" not in rerun.stdout
