@@ -11,7 +11,10 @@ family's 1,000). RLVR runs 12 steps at lr 1e-4, so the base still gets a sizeabl
 rollouts wrong (the grid needs incorrect rollouts to train on, and real models after RL still
 fail ~30 % of hard math): measured on an earlier version of this family, GRPO at the default 60
 steps / 2e-4 took rollout accuracy from 0.78 to ~0.93 within 15 steps, since a wrong plan here
-is one decision. Everything else is toy_paper_grid's.
+is one decision. The thinking-off arms are all/fkl (Paper A's divergence) and all/rkl: forward KL
+collapsed the thinking-on arms of both families at this learning rate, so the rkl arm tests
+Paper A's premise (a thinking-on teacher makes a short-output student more accurate) apart from
+the divergence. Everything else is toy_paper_grid's.
 """
 from experiments import toy_paper_grid
 
@@ -23,4 +26,5 @@ def get_config():
   c.data.num_train = 8_000
   c.sft.steps = 1_500
   c.rlvr.update(dict(steps=12, learning_rate=1e-4))
+  c.grid.thinking_off_arms = ("all/fkl", "all/rkl")
   return c
