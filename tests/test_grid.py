@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opsd_jax import grid, grid_report, model, parallel, pipeline, prompts, rollouts, stats
+from opsd_jax import experiment, grid, grid_report, model, parallel, pipeline, prompts, rollouts
+from opsd_jax import stats
 from pipeline_helpers import REPO, TINY, run
 
 GRID = os.path.join(REPO, "experiments", "toy_paper_grid.py")
@@ -373,6 +374,15 @@ def test_plan_counts_every_branch(tmp_path):
   assert len(grid.branches(cfg.grid)) == 5 * (3 * 4 + 1 + 1) + 3 == 73
   assert line.startswith("grid: 73 OPSD branches from the last stage: 70 of 40 steps"), line
   assert "3 long-horizon of 200 steps (arms ['correct_only/rkl'] x seeds [0, 1, 2])" in line
+
+
+def test_strategy_grid_preset_is_valid_and_adds_the_thinking_off_rkl_arm():
+  from experiments import toy_strategy_grid
+  cfg = experiment.validate(toy_strategy_grid.get_config(), check_devices=False)
+  assert cfg.data.family == "strategy" and cfg.grid.thinking_off_arms == ("all/fkl", "all/rkl")
+  thinking_off = [b for b in grid.branches(cfg.grid) if not b.thinking]
+  assert {b.divergence for b in thinking_off} == {"fkl", "rkl"} and len(thinking_off) == 10
+  assert len(grid.branches(cfg.grid)) == 5 * (3 * 4 + 1 + 2) + 3 == 78
 
 
 @pytest.fixture(scope="module")
