@@ -188,20 +188,26 @@ def make_splits(seed: int, num_train: int, num_test: int, difficulty: int = 1,
   d = DIFFICULTIES[difficulty]
   problem_rng = random.Random(f"toy-problems-{seed}-{difficulty}")
   trace_rng = random.Random(f"toy-traces-{seed}-{difficulty}")
-  wanted, seen, problems = num_train + num_test, set(), []
-  attempts = 0
-  while len(problems) < wanted:
-    attempts += 1
-    if attempts > 20 * wanted + 1000:
-      raise ValueError(f"toy difficulty {difficulty} has too few distinct problems for "
-                       f"{wanted} (found {len(problems)})")
-    start, ops = _draw_problem(problem_rng, d)
-    key = (start, ops)
-    if key in seen:
-      continue
-    seen.add(key)
-    problems.append(_record(trace_rng, start, ops, style))
+  keys = distinct_draws(lambda: _draw_problem(problem_rng, d), num_train + num_test,
+                        f"toy difficulty {difficulty}")
+  problems = [_record(trace_rng, start, ops, style) for start, ops in keys]
   return problems[num_test:], problems[:num_test]
+
+
+def distinct_draws(draw, wanted: int, what: str) -> list:
+  """`wanted` distinct results of `draw()` (hashable), in the order first drawn; a family with
+  too few distinct problems is an error, not an endless loop."""
+  seen, out = set(), []
+  for _ in range(20 * wanted + 1000):
+    if len(out) == wanted:
+      return out
+    key = draw()
+    if key not in seen:
+      seen.add(key)
+      out.append(key)
+  if len(out) == wanted:
+    return out
+  raise ValueError(f"{what} has too few distinct problems for {wanted} (found {len(out)})")
 
 
 def corpus(problems) -> list[str]:

@@ -204,18 +204,9 @@ def make_splits(seed: int, num_train: int, num_test: int,
     raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
   problem_rng = random.Random(f"toy-strategy-problems-{seed}")
   trace_rng = random.Random(f"toy-strategy-traces-{seed}")
-  wanted, seen, problems = num_train + num_test, set(), []
-  attempts = 0
-  while len(problems) < wanted:
-    attempts += 1
-    if attempts > 20 * wanted + 1000:
-      raise ValueError(f"the strategy toy has too few distinct problems for {wanted} "
-                       f"(found {len(problems)})")
-    nums, ops = _draw(problem_rng, style)
-    if (nums, ops) in seen:
-      continue
-    seen.add((nums, ops))
-    problems.append(_record(trace_rng, nums, ops, style))
+  keys = toy.distinct_draws(lambda: _draw(problem_rng, style), num_train + num_test,
+                            "the strategy toy")
+  problems = [_record(trace_rng, nums, ops, style) for nums, ops in keys]
   return problems[num_test:], problems[:num_test]
 
 
